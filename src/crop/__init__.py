@@ -1,0 +1,40 @@
+"""crop: contextual region-oriented visual token pruning for vision-language models."""
+
+from crop.errors import (
+    ConfigError,
+    CropError,
+    ImageError,
+    LocalizerError,
+    RegionError,
+    UnsupportedModelError,
+)
+from crop.localize import FixedLocalizer, GridVLMLocalizer, Localizer
+from crop.pipeline import Answer, CropModel, apply, remove
+from crop.region import Region, Viewport
+from crop.stats import PruneStats, RowStats
+from crop.strategies.ilp import ILP
+from crop.strategies.plc import PLC
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ILP",
+    "PLC",
+    "Answer",
+    "ConfigError",
+    "CropError",
+    "CropModel",
+    "FixedLocalizer",
+    "GridVLMLocalizer",
+    "ImageError",
+    "Localizer",
+    "LocalizerError",
+    "PruneStats",
+    "Region",
+    "RegionError",
+    "RowStats",
+    "UnsupportedModelError",
+    "Viewport",
+    "apply",
+    "remove",
+]

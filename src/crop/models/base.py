@@ -1,0 +1,80 @@
+"""What the core needs to know about a VLM family, and nothing more."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from crop.errors import UnsupportedModelError
+from crop.region import Viewport
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class VisualLayout:
+    """How one image's visual tokens sit in the prompt: `leading` non-grid tokens, then a raster grid."""
+
+    rows: int
+    cols: int
+    leading: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.leading + self.rows * self.cols
+
+
+class ModelAdapter(ABC):
+    """One VLM family: where its visual tokens sit, their grid, its decoder layers, how to feed features."""
+
+    family: str = ""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        attention = self.attention_implementation
+        if attention not in SUPPORTED_ATTENTION:
+            raise UnsupportedModelError(
+                f"attention implementation {attention!r} is not supported yet; load the model with "
+                f"attn_implementation in {SUPPORTED_ATTENTION}"
+            )
+
+    @property
+    def attention_implementation(self) -> str:
+        return self.text_config._attn_implementation
+
+    @property
+    @abstractmethod
+    def text_config(self) -> Any: ...
+
+    @property
+    @abstractmethod
+    def image_token_id(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def pad_token_id(self) -> int: ...
+
+    @abstractmethod
+    def decoder_layers(self) -> Sequence[nn.Module]:
+        """The LLM's decoder layers, in order."""
+
+    @abstractmethod
+    def visual_layout(self) -> VisualLayout:
+        """The token layout of one image."""
+
+    @abstractmethod
+    def viewport(self, processor: Any, image_size: tuple[int, int]) -> Viewport:
+        """Where an image of `(width, height)` lands on the token grid after the processor."""
+
+    @abstractmethod
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected visual tokens `(images, tokens, dim)`, as the LLM would receive them."""
+
+    @abstractmethod
+    def embed(self, input_ids: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Input embeddings with `features[b]` written over row b's image placeholders."""

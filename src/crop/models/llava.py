@@ -1,0 +1,71 @@
+"""LLaVA-1.5 (`LlavaForConditionalGeneration`): one square grid of CLIP patches per image."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from crop.errors import UnsupportedModelError
+from crop.models.base import ModelAdapter, VisualLayout
+from crop.region import Viewport
+
+
+class LlavaAdapter(ModelAdapter):
+    """Visual tokens: `(image_size / patch_size)^2` patches in raster order (plus CLS with strategy `full`)."""
+
+    family = "llava"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        if not isinstance(self.model.config.vision_config.image_size, int):
+            raise UnsupportedModelError("LLaVA adapter expects a square vision tower (integer image_size)")
+
+    @property
+    def text_config(self) -> Any:
+        return self.model.config.text_config
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.model.config.text_config.pad_token_id
+        return int(pad if pad is not None else 0)
+
+    def decoder_layers(self) -> Sequence[nn.Module]:
+        return self.model.model.language_model.layers
+
+    def visual_layout(self) -> VisualLayout:
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        leading = 1 if self.model.config.vision_feature_select_strategy == "full" else 0
+        return VisualLayout(rows=side, cols=side, leading=leading)
+
+    def viewport(self, processor: Any, image_size: tuple[int, int]) -> Viewport:
+        width, height = image_size
+        image_processor = getattr(processor, "image_processor", processor)
+        if getattr(image_processor, "do_pad", False):
+            return Viewport.pad_to_square(width, height)
+        if getattr(image_processor, "do_center_crop", False):
+            return Viewport.center_crop(width, height)
+        return Viewport()
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        config = self.model.config
+        output = self.model.model.get_image_features(
+            pixel_values=pixel_values.to(self.model.dtype),
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            return_dict=True,
+        )
+        return torch.stack(list(output.pooler_output))
+
+    def embed(self, input_ids: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        embeds = self.model.get_input_embeddings()(input_ids)
+        placeholders = (input_ids == self.image_token_id).unsqueeze(-1)
+        flat = torch.cat(list(features)).to(embeds.dtype)
+        return embeds.masked_scatter(placeholders, flat)

@@ -1,0 +1,286 @@
+"""`crop.apply`: one call that makes a Hugging Face VLM answer with the visual tokens of its region."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from crop.errors import ConfigError, UnsupportedModelError
+from crop.image import load_image
+from crop.localize import FixedLocalizer, Localizer
+from crop.models import adapter_for
+from crop.prompting import build_prompt
+from crop.region import Region, Viewport
+from crop.stats import PruneStats, RowStats
+from crop.strategies.ilp import ILP, ILPHooks, KeepPlan
+from crop.strategies.plc import PLC, compress, splice_visual_tokens
+
+RegionLike = Region | Sequence[int]
+
+
+@dataclass
+class Answer:
+    """A decoded answer with the stats of the call that produced it."""
+
+    text: str
+    stats: PruneStats
+
+
+class CropModel:
+    """A VLM with CROP attached: `generate` and `__call__` prune, the wrapped model itself is left as it was.
+
+    Hooks are registered on this model instance only and act only during calls made through this object;
+    `remove()` takes them off.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any = None,
+        localizer: Localizer | None = None,
+        ilp: ILP | None = None,
+        plc: PLC | None = None,
+        prompt_template: str | None = None,
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.localizer = localizer
+        self.ilp = ilp
+        self.plc = plc
+        self.prompt_template = prompt_template
+        self.adapter = adapter_for(model)
+        layers = self.adapter.decoder_layers()
+        self._hooks: ILPHooks | None = None
+        if ilp is not None:
+            ilp.validate(len(layers))
+            self._hooks = ILPHooks(layers, ilp.layer)
+
+    @property
+    def method(self) -> str:
+        parts = []
+        if self.plc is not None:
+            rings = f", rings {list(self.plc.rings)}" if self.plc.rings else ""
+            parts.append(f"PLC({self.plc.form}, ratio {self.plc.ratio}{rings})")
+        if self.ilp is not None:
+            parts.append(f"ILP(K={self.ilp.layer})")
+        return " + ".join(parts) or "none"
+
+    def remove(self) -> None:
+        """Take the hooks off the model; it behaves exactly as before `apply`."""
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+        self.ilp = None
+
+    def prepare(
+        self,
+        images: Image.Image | str | Path | Sequence[Image.Image | str | Path],
+        questions: str | Sequence[str],
+        regions: RegionLike | Sequence[RegionLike] | None = None,
+    ) -> dict[str, Any]:
+        """Processor inputs for (image, question) pairs, plus the regions (run through the localizer if not given).
+
+        The result goes straight into `generate(**inputs)` or `self(**inputs)`.
+        """
+        if self.processor is None:
+            raise ConfigError("prepare() needs the processor: crop.apply(model, processor, ...)")
+        image_list = [images] if isinstance(images, Image.Image | str | Path) else list(images)
+        question_list = [questions] if isinstance(questions, str) else list(questions)
+        if len(image_list) != len(question_list):
+            raise ConfigError(f"got {len(image_list)} images and {len(question_list)} questions; pass one per image")
+        loaded = [load_image(image) for image in image_list]
+        start = time.perf_counter()
+        if regions is None:
+            if self.localizer is None:
+                raise ConfigError("no region: pass regions=... or give crop.apply a localizer")
+            region_list = [self.localizer.localize(img, q) for img, q in zip(loaded, question_list, strict=True)]
+        else:
+            region_list = _region_list(regions, len(loaded))
+        localize_seconds = time.perf_counter() - start
+        prompts = [build_prompt(self.processor, q, self.prompt_template) for q in question_list]
+        inputs = dict(
+            self.processor(images=loaded, text=prompts, return_tensors="pt", padding=True, padding_side="left")
+        )
+        inputs["regions"] = region_list
+        inputs["viewports"] = [self.adapter.viewport(self.processor, img.size) for img in loaded]
+        inputs["localize_seconds"] = localize_seconds
+        return inputs
+
+    def ask(
+        self,
+        image: Image.Image | str | Path,
+        question: str,
+        region: RegionLike | None = None,
+        max_new_tokens: int = 32,
+    ) -> Answer:
+        """Answer one question about one image, greedily; the region comes from the localizer unless given."""
+        inputs = self.prepare(image, question, None if region is None else [region])
+        prompt_length = inputs["input_ids"].shape[1]
+        sequences, stats = self.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        text = self.processor.batch_decode(sequences[:, prompt_length:], skip_special_tokens=True)[0]
+        return Answer(text.strip(), stats)
+
+    def generate(self, **inputs: Any) -> tuple[torch.Tensor, PruneStats]:
+        """`model.generate` with pruning; returns `(sequences, stats)`, sequences starting with the given prompt.
+
+        Accepts the processor's tensors plus `regions` (one per row, or from a `FixedLocalizer`) and optional
+        `viewports`, and any generation argument. Greedy decoding, sampling and beam search are supported with
+        the dynamic KV cache.
+        """
+        if inputs.get("cache_implementation") not in (None, "dynamic"):
+            raise UnsupportedModelError("ILP needs the dynamic KV cache (its pruned layers hold fewer tokens)")
+        prompt_ids = inputs["input_ids"]
+        start = time.perf_counter()
+        output, stats, model_prompt_length = self._run(self.model.generate, inputs)
+        stats.seconds["generate"] = time.perf_counter() - start
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        return torch.cat([prompt_ids, sequences[:, model_prompt_length:]], dim=1), stats
+
+    def __call__(self, **inputs: Any) -> tuple[Any, PruneStats]:
+        """A forward pass with pruning: `(model output, stats)`.
+
+        With ILP the output covers only the positions layers >= K kept (left-padded per row): logits of the
+        last position are those of the last prompt token.
+        """
+        start = time.perf_counter()
+        output, stats, _ = self._run(self.model, inputs)
+        stats.seconds["forward"] = time.perf_counter() - start
+        return output, stats
+
+    def _run(self, call: Callable[..., Any], inputs: dict[str, Any]) -> tuple[Any, PruneStats, int]:
+        inputs = dict(inputs)
+        regions_given = inputs.pop("regions", None)
+        viewports = inputs.pop("viewports", None)
+        localize_seconds = inputs.pop("localize_seconds", None)
+        input_ids = inputs.get("input_ids")
+        if input_ids is None:
+            raise ConfigError("crop needs input_ids (the processor's output), not inputs_embeds")
+        batch = input_ids.shape[0]
+        if inputs.get("attention_mask") is None:
+            inputs["attention_mask"] = torch.ones_like(input_ids)
+        regions = self._resolve_regions(regions_given, batch)
+        viewports = list(viewports) if viewports is not None else [Viewport()] * batch
+        layout = self.adapter.visual_layout()
+        self._check_visual_tokens(input_ids, inputs["attention_mask"], layout.num_tokens)
+        cell_masks = [r.token_mask(layout.rows, layout.cols, vp) for r, vp in zip(regions, viewports, strict=True)]
+        leading = torch.ones(layout.leading, dtype=torch.bool)
+        if self.plc is not None:
+            inputs, keep_visual = self._compress(inputs, cell_masks, layout.leading)
+        else:
+            keep_visual = [torch.cat([leading, mask.view(-1)]) for mask in cell_masks]
+        llm_input = [int(k.numel()) for k in keep_visual]
+        kept = [int(k.sum()) for k in keep_visual]
+        num_layers = len(self.adapter.decoder_layers())
+        first_pruned = self.ilp.layer if self.ilp is not None else num_layers
+        rows = [
+            RowStats(region, layout.num_tokens, n_in, [n_in] * first_pruned + [n_kept] * (num_layers - first_pruned))
+            for region, n_in, n_kept in zip(regions, llm_input, kept, strict=True)
+        ]
+        stats = PruneStats(rows=rows, method=self.method)
+        if localize_seconds is not None:
+            stats.seconds["localize"] = localize_seconds
+        model_prompt_length = inputs["input_ids"].shape[1]
+        with torch.inference_mode():
+            if self._hooks is None:
+                return call(**inputs), stats, model_prompt_length
+            plan = self._plan(inputs["input_ids"], inputs["attention_mask"], keep_visual)
+            with self._hooks.active(plan):
+                return call(**inputs), stats, model_prompt_length
+
+    def _resolve_regions(self, regions: Any, batch: int) -> list[Region]:
+        if regions is not None:
+            return _region_list(regions, batch)
+        if isinstance(self.localizer, FixedLocalizer):
+            return [self.localizer.region] * batch
+        raise ConfigError(
+            "no region for this call: pass regions=[...] (one per row), use prepare()/ask() so that the "
+            "localizer sees the image and question, or apply a FixedLocalizer"
+        )
+
+    def _check_visual_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, expected: int) -> None:
+        counts = ((input_ids == self.adapter.image_token_id) & attention_mask.bool()).sum(dim=1).tolist()
+        for row, count in enumerate(counts):
+            if count != expected:
+                raise ConfigError(
+                    f"row {row} has {count} image tokens; crop supports exactly one image per prompt "
+                    f"({expected} visual tokens for this model)"
+                )
+
+    def _compress(
+        self, inputs: dict[str, Any], cell_masks: list[torch.Tensor], leading: int
+    ) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        pixel_values = inputs.pop("pixel_values", None)
+        if pixel_values is None:
+            raise ConfigError("PLC needs pixel_values: pass the processor's output")
+        with torch.inference_mode():
+            features = self.adapter.image_features(pixel_values)
+        compressed = [compress(features[b, leading:], mask, self.plc) for b, mask in enumerate(cell_masks)]
+        input_ids, attention_mask, position_ids = splice_visual_tokens(
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            self.adapter.image_token_id,
+            self.adapter.pad_token_id,
+            [c.features.shape[0] for c in compressed],
+            [c.first_cell for c in compressed],
+            leading,
+        )
+        row_features = [torch.cat([features[b, :leading], c.features]) for b, c in enumerate(compressed)]
+        inputs.update(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=self.adapter.embed(input_ids, row_features),
+        )
+        if self.plc.position == "original":
+            inputs["position_ids"] = position_ids
+        always = torch.ones(leading, dtype=torch.bool)
+        keep_visual = [torch.cat([always, c.inside.cpu()]) for c in compressed]
+        return inputs, keep_visual
+
+    def _plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_visual: list[torch.Tensor]) -> KeepPlan:
+        keep = attention_mask.bool().clone()
+        visual = (input_ids == self.adapter.image_token_id) & keep
+        for row, flags in enumerate(keep_visual):
+            positions = visual[row].nonzero().squeeze(1)
+            keep[row, positions[~flags.to(positions.device)]] = False
+        return KeepPlan.from_keep(keep)
+
+
+def apply(
+    model: Any,
+    processor: Any = None,
+    localizer: Localizer | None = None,
+    ilp: ILP | int | None = 2,
+    plc: PLC | int | None = None,
+    prompt_template: str | None = None,
+) -> CropModel:
+    """Attach CROP to `model` (one instance, reversibly) and return the pruning wrapper.
+
+    `ilp`: an `ILP` or its layer K (default 2); None disables it. `plc`: a `PLC` or its pooling ratio; None
+    (default) disables it. `localizer` finds the region for `prepare`/`ask`; regions can also be passed per call.
+    """
+    ilp_config = ILP(layer=ilp) if isinstance(ilp, int) and not isinstance(ilp, bool) else ilp
+    plc_config = PLC(ratio=plc) if isinstance(plc, int) and not isinstance(plc, bool) else plc
+    return CropModel(model, processor, localizer, ilp_config, plc_config, prompt_template)
+
+
+def remove(crop_model: CropModel) -> Any:
+    """Undo `apply`: take the hooks off and return the original model."""
+    crop_model.remove()
+    return crop_model.model
+
+
+def _region_list(regions: Any, batch: int) -> list[Region]:
+    if isinstance(regions, Region) or (
+        isinstance(regions, Sequence) and len(regions) == 4 and all(isinstance(v, int) for v in regions)
+    ):
+        regions = [regions] * batch
+    region_list = [r if isinstance(r, Region) else Region.from_grid(r) for r in regions]
+    if len(region_list) != batch:
+        raise ConfigError(f"got {len(region_list)} regions for a batch of {batch}; pass one per row")
+    return region_list

@@ -1,0 +1,137 @@
+"""Tiny LLaVA models built from configs with random weights: for tests and the offline demo, no downloads.
+
+They have the real classes, processor and loading path of LLaVA-1.5 (`save_pretrained` / `from_pretrained`),
+only small. Their answers are meaningless: random weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.llava import LlavaImageProcessorPil
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+WORDS = (
+    "USER ASSISTANT : ? . , ' the a an is are of on in what which where how many colour color shape digit "
+    "letter word number object objects left right top bottom red green blue yellow purple orange black white "
+    "circle square triangle there written sign image picture it this that yes no one two three four five six "
+    "seven eight nine zero 0 1 2 3 4 5 6 7 8 9 xmin ymin xmax ymax [ ] blocks grid region question answer "
+    "with contain contains needed to and from numbered divided into x"
+).split()
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for item in message['content'] %}{{ item['text'] }}{% endfor %} "
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over a small fixed vocabulary, built offline."""
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + list(dict.fromkeys(WORDS)))}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+    )
+
+
+def build_processor(image_size: int = 168, patch_size: int = 14) -> LlavaProcessor:
+    """A LLaVA-1.5-style processor: resize shortest edge, center crop, CLIP normalisation, chat template."""
+    image_processor = LlavaImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True,
+        do_pad=False,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_model(
+    image_size: int = 168,
+    patch_size: int = 14,
+    text_layers: int = 4,
+    text_hidden: int = 64,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    vocab_size: int | None = None,
+    initializer_range: float = 0.1,
+) -> LlavaForConditionalGeneration:
+    """A random-weight LLaVA with a `(image_size/patch_size)^2` token grid and a small Llama (GQA 4:2)."""
+    tokenizer = build_tokenizer()
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=text_hidden,
+        intermediate_size=2 * text_hidden,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=initializer_range,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        initializer_range=initializer_range,
+    )
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.eval()
+
+
+def save_tiny(directory: str | Path, **model_kwargs: Any) -> Path:
+    """Build a tiny model and its processor and save both to `directory` (HF format)."""
+    directory = Path(directory)
+    image_size = model_kwargs.get("image_size", 168)
+    patch_size = model_kwargs.get("patch_size", 14)
+    build_model(**model_kwargs).save_pretrained(directory)
+    build_processor(image_size, patch_size).save_pretrained(directory)
+    return directory
+

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny random-weight LLaVA models (no downloads) and inputs with real left padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from crop.tiny import build_model, build_processor
+
+QUESTIONS = ["what digit is on the red square ?", "what colour is it ?", "how many objects are there in the image ?"]
+
+
+def make_image(width: int = 200, height: int = 160, seed: int = 0) -> Image.Image:
+    """A small picture with a few coloured shapes, different per seed."""
+    generator = torch.Generator().manual_seed(seed)
+    image = Image.new("RGB", (width, height), (240, 240, 240))
+    draw = ImageDraw.Draw(image)
+    for _ in range(4):
+        x, y = (torch.rand(2, generator=generator) * torch.tensor([width - 40, height - 40])).int().tolist()
+        colour = tuple(torch.randint(0, 255, (3,), generator=generator).tolist())
+        draw.rectangle([x, y, x + 36, y + 36], fill=colour)
+    return image
+
+
+@pytest.fixture(scope="session")
+def processor():
+    return build_processor()
+
+
+@pytest.fixture(scope="session", params=["sdpa", "eager"])
+def model(request):
+    torch.manual_seed(0)
+    return build_model(attn_implementation=request.param)
+
+
+@pytest.fixture(scope="session")
+def sdpa_model():
+    return build_model(attn_implementation="sdpa")
+
+
+def batch_inputs(processor, size: int, padded: bool = True) -> dict:
+    """Processor output for `size` (image, question) pairs; with `padded` questions differ in length, so rows
+    are left-padded, otherwise all rows ask the same question."""
+    images = [make_image(200 + 20 * i, 160, seed=i) for i in range(size)]
+    questions = [QUESTIONS[i % len(QUESTIONS)] if padded else QUESTIONS[0] for i in range(size)]
+    prompts = [f"USER: <image>\n{question} ASSISTANT:" for question in questions]
+    return dict(processor(images=images, text=prompts, return_tensors="pt", padding=True, padding_side="left"))

@@ -1,0 +1,52 @@
+"""The slow, obvious computation that pruned runs are checked against: layers called one by one by hand."""
+
+from __future__ import annotations
+
+import torch
+
+
+def causal_mask(length: int, dtype: torch.dtype) -> torch.Tensor:
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()
+    return torch.zeros(1, 1, length, length, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def merged_embeddings(model, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """One unpadded row's input embeddings with the projected image features written over the placeholders."""
+    embeds = model.get_input_embeddings()(input_ids).clone()
+    features = model.model.get_image_features(
+        pixel_values=pixel_values,
+        vision_feature_layer=model.config.vision_feature_layer,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        return_dict=True,
+    ).pooler_output[0]
+    embeds[0, input_ids[0] == model.config.image_token_id] = features
+    return embeds
+
+
+@torch.no_grad()
+def run_layers(model, embeds: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor | None, layer: int):
+    """Logits of one unpadded row: layers < `layer` on every token, layers >= `layer` on the `keep` subset.
+
+    `keep=None` runs every layer on every token. Returns the logits at the positions the last layer saw.
+    """
+    text_model = model.model.language_model
+    hidden = embeds
+    position_ids = positions[None]
+    cos, sin = text_model.rotary_emb(hidden, position_ids=position_ids)
+    for index, decoder_layer in enumerate(text_model.layers):
+        if keep is not None and index == layer:
+            kept = keep.nonzero().squeeze(1)
+            hidden, cos, sin, position_ids = hidden[:, kept], cos[:, kept], sin[:, kept], position_ids[:, kept]
+        hidden = decoder_layer(
+            hidden,
+            attention_mask=causal_mask(hidden.shape[1], hidden.dtype),
+            position_embeddings=(cos, sin),
+            position_ids=position_ids,
+        )
+    return model.lm_head(text_model.norm(hidden))
+
+
+def unpadded_row(inputs: dict, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row `row`'s input ids without its left padding, and its pixel values."""
+    real = inputs["attention_mask"][row].bool()
+    return inputs["input_ids"][row][real][None], inputs["pixel_values"][row : row + 1]
