@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
 from crop.tiny import build_model, build_processor
 
-QUESTIONS = ["what digit is on the red square ?", "what colour is it ?", "how many objects are there in the image ?"]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
+
+QUESTIONS = [
+    "what digit is on the red square ?",
+    "what colour is it ?",
+    "how many objects are there in the image ?",
+]
 
 
 def make_image(width: int = 200, height: int = 160, seed: int = 0) -> Image.Image:

@@ -36,7 +36,12 @@ def run_layers(model, embeds: torch.Tensor, positions: torch.Tensor, keep: torch
     for index, decoder_layer in enumerate(text_model.layers):
         if keep is not None and index == layer:
             kept = keep.nonzero().squeeze(1)
-            hidden, cos, sin, position_ids = hidden[:, kept], cos[:, kept], sin[:, kept], position_ids[:, kept]
+            hidden, cos, sin, position_ids = (
+                hidden[:, kept],
+                cos[:, kept],
+                sin[:, kept],
+                position_ids[:, kept],
+            )
         hidden = decoder_layer(
             hidden,
             attention_mask=causal_mask(hidden.shape[1], hidden.dtype),

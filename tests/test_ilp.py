@@ -81,11 +81,18 @@ def test_generation_with_cache_equals_recomputing_prefix(model, processor, batch
     pruned = crop.apply(model, processor, ilp=K)
     steps = 6
     try:
-        sequences, _ = pruned.generate(**inputs, regions=regions, max_new_tokens=steps, do_sample=False, min_new_tokens=steps)
+        sequences, _ = pruned.generate(
+            **inputs, regions=regions, max_new_tokens=steps, do_sample=False, min_new_tokens=steps
+        )
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         for _ in range(steps):
-            output, _ = pruned(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"],
-                               regions=regions, use_cache=False)
+            output, _ = pruned(
+                input_ids=ids,
+                attention_mask=mask,
+                pixel_values=inputs["pixel_values"],
+                regions=regions,
+                use_cache=False,
+            )
             next_token = output.logits[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, next_token], dim=1)
             mask = torch.cat([mask, torch.ones_like(next_token)], dim=1)
@@ -120,8 +127,12 @@ def test_quarter_region_keeps_exactly_its_tokens_in_the_cache(model, processor):
 
     with torch.no_grad():
         for layer in layers[:K]:
-            hidden = layer(hidden, attention_mask=causal_mask(hidden.shape[1], hidden.dtype),
-                           position_embeddings=(cos, sin), position_ids=positions)
+            hidden = layer(
+                hidden,
+                attention_mask=causal_mask(hidden.shape[1], hidden.dtype),
+                position_embeddings=(cos, sin),
+                position_ids=positions,
+            )
         kept = keep.nonzero().squeeze(1)
         attention = layers[K].self_attn
         normed = layers[K].input_layernorm(hidden[:, kept])

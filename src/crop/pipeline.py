@@ -17,7 +17,7 @@ from crop.localize import FixedLocalizer, Localizer
 from crop.models import adapter_for
 from crop.prompting import build_prompt
 from crop.region import Region, Viewport
-from crop.stats import PruneStats, RowStats
+from crop.stats import DROPPED, FINE, POOLED, PruneStats, RowStats
 from crop.strategies.ilp import ILP, ILPHooks, KeepPlan
 from crop.strategies.plc import PLC, compress, splice_visual_tokens
 
@@ -137,7 +137,7 @@ class CropModel:
             raise UnsupportedModelError("ILP needs the dynamic KV cache (its pruned layers hold fewer tokens)")
         prompt_ids = inputs["input_ids"]
         start = time.perf_counter()
-        output, stats, model_prompt_length = self._run(self.model.generate, inputs)
+        output, stats, model_prompt_length = self._run(self.model.generate, inputs, generating=True)
         stats.seconds["generate"] = time.perf_counter() - start
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         return torch.cat([prompt_ids, sequences[:, model_prompt_length:]], dim=1), stats
@@ -149,11 +149,12 @@ class CropModel:
         last position are those of the last prompt token.
         """
         start = time.perf_counter()
-        output, stats, _ = self._run(self.model, inputs)
+        output, stats, _ = self._run(self.model, inputs, generating=False)
         stats.seconds["forward"] = time.perf_counter() - start
         return output, stats
 
-    def _run(self, call: Callable[..., Any], inputs: dict[str, Any]) -> tuple[Any, PruneStats, int]:
+    @torch.inference_mode()
+    def _run(self, call: Callable[..., Any], inputs: dict[str, Any], generating: bool) -> tuple[Any, PruneStats, int]:
         inputs = dict(inputs)
         regions_given = inputs.pop("regions", None)
         viewports = inputs.pop("viewports", None)
@@ -178,20 +179,31 @@ class CropModel:
         kept = [int(k.sum()) for k in keep_visual]
         num_layers = len(self.adapter.decoder_layers())
         first_pruned = self.ilp.layer if self.ilp is not None else num_layers
+        outside = DROPPED if self.ilp is not None else (POOLED if self.plc is not None else FINE)
         rows = [
-            RowStats(region, layout.num_tokens, n_in, [n_in] * first_pruned + [n_kept] * (num_layers - first_pruned))
-            for region, n_in, n_kept in zip(regions, llm_input, kept, strict=True)
+            RowStats(
+                region,
+                layout.num_tokens,
+                n_in,
+                [n_in] * first_pruned + [n_kept] * (num_layers - first_pruned),
+                torch.where(mask, FINE, outside),
+                viewport,
+            )
+            for region, n_in, n_kept, mask, viewport in zip(
+                regions, llm_input, kept, cell_masks, viewports, strict=True
+            )
         ]
         stats = PruneStats(rows=rows, method=self.method)
         if localize_seconds is not None:
             stats.seconds["localize"] = localize_seconds
-        model_prompt_length = inputs["input_ids"].shape[1]
-        with torch.inference_mode():
-            if self._hooks is None:
-                return call(**inputs), stats, model_prompt_length
-            plan = self._plan(inputs["input_ids"], inputs["attention_mask"], keep_visual)
-            with self._hooks.active(plan):
-                return call(**inputs), stats, model_prompt_length
+        model_input_ids = inputs["input_ids"]
+        if "inputs_embeds" in inputs and not generating:
+            del inputs["input_ids"]  # a forward takes ids or embeddings; generate takes both (ids for the output)
+        if self._hooks is None:
+            return call(**inputs), stats, model_input_ids.shape[1]
+        plan = self._plan(model_input_ids, inputs["attention_mask"], keep_visual)
+        with self._hooks.active(plan):
+            return call(**inputs), stats, model_input_ids.shape[1]
 
     def _resolve_regions(self, regions: Any, batch: int) -> list[Region]:
         if regions is not None:
@@ -218,8 +230,7 @@ class CropModel:
         pixel_values = inputs.pop("pixel_values", None)
         if pixel_values is None:
             raise ConfigError("PLC needs pixel_values: pass the processor's output")
-        with torch.inference_mode():
-            features = self.adapter.image_features(pixel_values)
+        features = self.adapter.image_features(pixel_values)
         compressed = [compress(features[b, leading:], mask, self.plc) for b, mask in enumerate(cell_masks)]
         input_ids, attention_mask, position_ids = splice_visual_tokens(
             inputs["input_ids"],

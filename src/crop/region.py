@@ -83,7 +83,9 @@ class Region:
         xmin, ymin, xmax, ymax = (int(v) for v in box)
         last = grid_size - 1
         if not all(0 <= v <= last for v in (xmin, ymin, xmax, ymax)):
-            raise RegionError(f"grid box {list(box)} is off the {grid_size}x{grid_size} grid: entries must be in 0..{last}")
+            raise RegionError(
+                f"grid box {list(box)} is off the {grid_size}x{grid_size} grid: entries must be in 0..{last}"
+            )
         if xmin > xmax or ymin > ymax:
             raise RegionError(f"grid box {list(box)} is inverted: need xmin <= xmax and ymin <= ymax")
         return cls(xmin / grid_size, ymin / grid_size, (xmax + 1) / grid_size, (ymax + 1) / grid_size)
@@ -109,8 +111,8 @@ class Region:
         """Boolean `(rows, cols)` mask of the token cells whose centre lies inside the region.
 
         `viewport` says where the image sits in the token grid (see `Viewport`); by default it fills it.
-        A region that covers no cell centre still keeps the cell nearest to its centre, so that a tiny region
-        never empties the image.
+        A region that covers no cell centre keeps the cells it overlaps (clipped to the visible grid, or the
+        nearest edge cells if it lies wholly outside), so that a small or cropped-away region never empties it.
         """
         if rows < 1 or cols < 1:
             raise RegionError(f"token grid must be at least 1x1, got {rows}x{cols}")
@@ -125,12 +127,20 @@ class Region:
         inside_y = (cy >= gy0) & (cy <= gy1)
         mask = inside_y[:, None] & inside_x[None, :]
         if not mask.any():
-            col = min(max(int(((gx0 + gx1) / 2) * cols), 0), cols - 1)
-            row = min(max(int(((gy0 + gy1) / 2) * rows), 0), rows - 1)
-            mask[row, col] = True
+            mask = _overlapping(gy0, gy1, rows)[:, None] & _overlapping(gx0, gx1, cols)[None, :]
         return mask
 
     def __str__(self) -> str:
         grid = list(self.to_grid())
         note = f" (fallback: {self.fallback_reason})" if self.fallback_reason else ""
         return f"Region(grid={grid}, box=[{self.x0:.3f}, {self.y0:.3f}, {self.x1:.3f}, {self.y1:.3f}]){note}"
+
+
+def _overlapping(start: float, end: float, cells: int) -> torch.Tensor:
+    """Cells of a 1-D grid of `cells` over [0, 1] that overlap [start, end], clipped to the grid."""
+    start, end = min(max(start, 0.0), 1.0), min(max(end, 0.0), 1.0)
+    edges = torch.arange(cells + 1, dtype=torch.float64) / cells
+    hit = (edges[1:] > start) & (edges[:-1] < end)
+    if not hit.any():
+        hit[min(int(start * cells), cells - 1)] = True
+    return hit

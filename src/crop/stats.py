@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from crop.region import Region
+import torch
+
+from crop.region import Region, Viewport
+
+FINE, POOLED, DROPPED = 2, 1, 0
+"""Cell states in `RowStats.cells`: kept at full resolution, merged into a pooled token, dropped."""
 
 
 @dataclass
@@ -13,12 +18,16 @@ class RowStats:
 
     `image_tokens`: visual tokens of the unpruned image; `llm_input_tokens`: after PLC;
     `per_layer`: visual tokens each decoder layer sees (ILP shortens layers >= K).
+    `cells`: per token-grid cell, FINE / POOLED / DROPPED after the last reduction; `viewport` places the grid
+    on the image.
     """
 
     region: Region
     image_tokens: int
     llm_input_tokens: int
     per_layer: list[int]
+    cells: torch.Tensor
+    viewport: Viewport
 
     @property
     def kept_tokens(self) -> int:

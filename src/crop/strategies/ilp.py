@@ -74,7 +74,9 @@ class KeepPlan:
             raise ConfigError(f"batch of {batch} rows does not match a pruning plan made for {rows} rows")
         repeat = batch // rows
         return KeepPlan(
-            self.gather_index.repeat_interleave(repeat, 0), self.valid.repeat_interleave(repeat, 0), self.full_length
+            self.gather_index.repeat_interleave(repeat, 0),
+            self.valid.repeat_interleave(repeat, 0),
+            self.full_length,
         )
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -116,9 +118,7 @@ class KeepPlan:
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 class ILPHooks:

@@ -134,9 +134,7 @@ def splice_visual_tokens(
         if end - start != visual.numel():
             raise ConfigError(f"row {row}: PLC needs the image's visual tokens in one contiguous run")
         original = torch.arange(ids.numel(), device=ids.device)
-        image_pos = torch.cat(
-            [original[start : start + leading], start + leading + first_cells[row].to(ids.device)]
-        )
+        image_pos = torch.cat([original[start : start + leading], start + leading + first_cells[row].to(ids.device)])
         new_ids = torch.cat([ids[:start], ids.new_full((new_counts[row] + leading,), image_token_id), ids[end:]])
         rows_ids.append(new_ids)
         rows_pos.append(torch.cat([original[:start], image_pos, original[end:]]))

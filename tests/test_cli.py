@@ -1,0 +1,144 @@
+"""The `crop` command: `crop ask` on a saved checkpoint (real loading path) and `crop demo` offline."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import make_image
+from PIL import Image
+
+from crop.cli import main
+from crop.tiny import save_tiny
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny-llava"))
+
+
+def test_ask_writes_overlay(checkpoint, tmp_path, capsys):
+    image_path = tmp_path / "scene.png"
+    make_image(240, 180).save(image_path)
+    overlay = tmp_path / "out" / "overlay.png"
+    code = main(
+        [
+            "ask",
+            "--model",
+            str(checkpoint),
+            "--image",
+            str(image_path),
+            "--question",
+            "what colour ?",
+            "--region",
+            "0",
+            "0",
+            "3",
+            "3",
+            "--overlay",
+            str(overlay),
+            "--max-new-tokens",
+            "3",
+            "--compare",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "pruned answer" in out and "full answer" in out
+    assert "144 in the image" in out and "36 kept after layer K" in out
+    with Image.open(overlay) as drawn:
+        assert drawn.size == (240, 180)
+
+
+def test_ask_with_plc(checkpoint, tmp_path, capsys):
+    image_path = tmp_path / "scene.png"
+    make_image().save(image_path)
+    code = main(
+        [
+            "ask",
+            "--model",
+            str(checkpoint),
+            "--image",
+            str(image_path),
+            "--question",
+            "what ?",
+            "--region",
+            "0",
+            "0",
+            "3",
+            "3",
+            "--plc-ratio",
+            "4",
+            "--max-new-tokens",
+            "2",
+        ]
+    )
+    assert code == 0
+    assert "44 into the LLM, 36 kept" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--image", "missing.png", "--region", "0", "0", "1", "1"], "image not found"),
+        (["--image", "IMAGE", "--region", "0", "0", "9", "9"], "off the 8x8 grid"),
+        (
+            ["--image", "IMAGE", "--region", "0", "0", "1", "1", "--ilp-layer", "7"],
+            "K must be an integer in 1..3",
+        ),
+    ],
+)
+def test_ask_bad_input_is_a_clear_error(checkpoint, tmp_path, capsys, argv, message):
+    image_path = tmp_path / "scene.png"
+    make_image().save(image_path)
+    argv = [str(image_path) if a == "IMAGE" else a for a in argv]
+    code = main(["ask", "--model", str(checkpoint), "--question", "what ?", *argv])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_ask_unloadable_model(tmp_path, capsys):
+    image_path = tmp_path / "scene.png"
+    make_image().save(image_path)
+    code = main(
+        [
+            "ask",
+            "--model",
+            str(tmp_path / "no-model"),
+            "--image",
+            str(image_path),
+            "--question",
+            "q",
+            "--region",
+            "0",
+            "0",
+            "1",
+            "1",
+        ]
+    )
+    assert code == 2
+    assert "cannot load a vision-language model" in capsys.readouterr().err
+
+
+def test_demo_runs_offline_as_a_command(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crop.cli",
+            "demo",
+            "--model-dir",
+            str(tmp_path / "model"),
+            "--overlay",
+            str(tmp_path / "demo.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "pruned answer:" in result.stdout and "full answer:" in result.stdout
+    assert "576 in the image" in result.stdout
+    assert (tmp_path / "demo.png").is_file()
