@@ -85,7 +85,7 @@ def test_ask_with_plc(checkpoint, tmp_path, capsys):
         (["--image", "IMAGE", "--region", "0", "0", "9", "9"], "off the 8x8 grid"),
         (
             ["--image", "IMAGE", "--region", "0", "0", "1", "1", "--ilp-layer", "7"],
-            "K must be an integer in 1..3",
+            "K must be an integer in 0..3",
         ),
     ],
 )
@@ -142,3 +142,29 @@ def test_demo_runs_offline_as_a_command(tmp_path):
     assert "pruned answer:" in result.stdout and "full answer:" in result.stdout
     assert "576 in the image" in result.stdout
     assert (tmp_path / "demo.png").is_file()
+
+
+def test_ask_with_a_localizer_checkpoint(checkpoint, tmp_path, capsys):
+    """`--localizer` loads a VLM with GridVLMLocalizer.from_pretrained; random weights make it fall back."""
+    image_path = tmp_path / "scene.png"
+    make_image().save(image_path)
+    code = main(
+        [
+            "ask",
+            "--model",
+            str(checkpoint),
+            "--image",
+            str(image_path),
+            "--question",
+            "what ?",
+            "--localizer",
+            str(checkpoint),
+            "--max-new-tokens",
+            "2",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "region: Region(" in out
+    if "fallback" in out:
+        assert "144 kept after layer K" in out

@@ -28,7 +28,7 @@ def test_corrupt_image_bytes(tmp_path):
 
 
 def test_ilp_layer_out_of_range(sdpa_model, processor):
-    for layer in (0, 4, 99, -1):
+    for layer in (4, 99, -1):
         with pytest.raises(ConfigError, match="4 decoder layers"):
             crop.apply(sdpa_model, processor, ilp=layer)
 

@@ -173,3 +173,48 @@ def test_remove_restores_the_original_model(sdpa_model, processor):
     with torch.no_grad():
         after = sdpa_model(**inputs).logits
     assert torch.equal(before, after) and torch.equal(before, untouched)
+
+
+@pytest.mark.parametrize("plc", [None, 4])
+def test_layer_zero_drops_tokens_before_the_llm(model, processor, plc):
+    inputs = batch_inputs(processor, 2)
+    regions = [QUARTER, Region.from_grid([3, 3, 6, 7])]
+    pruned = crop.apply(model, processor, ilp=0, plc=plc)
+    output, stats = pruned(**inputs, regions=regions)
+    image_token = model.config.image_token_id
+    for row, region in enumerate(regions):
+        input_ids, pixel_values = unpadded_row(inputs, row)
+        keep = keep_for_region(input_ids, image_token, region)
+        embeds = merged_embeddings(model, input_ids, pixel_values)
+        expected = run_layers(model, embeds, torch.arange(input_ids.shape[1]), keep, 0)[0]
+        got = output.logits[row, output.logits.shape[1] - expected.shape[0] :]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        kept = int((keep & (input_ids[0] == image_token)).sum())
+        assert stats.rows[row].per_layer == [kept] * 4
+
+
+def test_llava15_grid_and_cls_token():
+    """LLaVA-1.5's 24x24 grid (336 px / 14), and the `full` strategy whose CLS token is always kept."""
+    from crop.tiny import build_model, build_processor
+
+    for strategy, leading in (("default", 0), ("full", 1)):
+        model = build_model(image_size=336, select_strategy=strategy)
+        processor = build_processor(image_size=336, select_strategy=strategy)
+        inputs = batch_inputs(processor, 1)
+        assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 576 + leading
+        pruned = crop.apply(model, processor, ilp=K)
+        output, stats = pruned(**inputs, regions=[QUARTER])
+        assert stats.rows[0].kept_tokens == 144 + leading
+        input_ids, pixel_values = unpadded_row(inputs, 0)
+        keep = torch.ones(input_ids.shape[1], dtype=torch.bool)
+        visual = (input_ids[0] == model.config.image_token_id).nonzero().squeeze(1)
+        grid = visual[leading:].view(24, 24)
+        keep[grid[12:].flatten()] = False
+        keep[grid[:12, 12:].flatten()] = False
+        embeds = model.get_input_embeddings()(input_ids).clone()
+        features = model.model.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=-1, vision_feature_select_strategy=strategy
+        ).pooler_output[0]
+        embeds[0, visual] = features
+        expected = run_layers(model, embeds, torch.arange(input_ids.shape[1]), keep, K)[0]
+        torch.testing.assert_close(output.logits[0], expected, atol=1e-5, rtol=0)

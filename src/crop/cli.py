@@ -61,22 +61,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_pruning_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ilp-layer", type=int, default=2, help="ILP layer K (default 2); 0 disables ILP")
+    parser.add_argument("--ilp-layer", type=int, default=2, help="ILP layer K (default 2; 0 = before the LLM)")
+    parser.add_argument("--no-ilp", action="store_true", help="disable ILP")
     parser.add_argument("--plc-ratio", type=int, default=0, help="PLC pooling ratio outside the region; 0 disables")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
 
 
-def _crop_model(model, processor, args, localizer=None):
+def _crop_model(model, processor, args: argparse.Namespace | None, localizer=None):
+    """CROP as the arguments ask, or with nothing pruned when `args` is None (the full-token answer)."""
     import crop
 
-    return crop.apply(
-        model,
-        processor,
-        localizer=localizer,
-        ilp=args.ilp_layer or None,
-        plc=args.plc_ratio or None,
-    )
+    if args is None:
+        return crop.apply(model, processor, ilp=None, plc=None)
+    ilp = None if args.no_ilp else args.ilp_layer
+    return crop.apply(model, processor, localizer=localizer, ilp=ilp, plc=args.plc_ratio or None)
 
 
 def _report(label: str, answer) -> None:
@@ -106,7 +105,7 @@ def _run_ask(args: argparse.Namespace) -> int:
     _report("pruned answer", answer)
     if args.compare:
         pruned.remove()
-        full = _crop_model(model, processor, argparse.Namespace(ilp_layer=0, plc_ratio=0))
+        full = _crop_model(model, processor, None)
         _report(
             "full answer",
             full.ask(image, args.question, region=Region.full(), max_new_tokens=args.max_new_tokens),
@@ -134,7 +133,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(f"region (the scene's answer box on the 8x8 grid): {list(scene.region.to_grid())}")
     print("note: the built-in model has random weights, so its answers are noise; the token counts and the")
     print("      pipeline are real. Use `crop ask --model PATH` with a LLaVA-1.5 checkpoint for real answers.")
-    full = _crop_model(model, processor, argparse.Namespace(ilp_layer=0, plc_ratio=0))
+    full = _crop_model(model, processor, None)
     _report("full answer", full.ask(scene.image, scene.question, Region.full(), args.max_new_tokens))
     pruned = _crop_model(model, processor, args)
     answer = pruned.ask(scene.image, scene.question, scene.region, args.max_new_tokens)

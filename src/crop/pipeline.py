@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from crop.prompting import build_prompt
 from crop.region import Region, Viewport
 from crop.stats import DROPPED, FINE, POOLED, PruneStats, RowStats
 from crop.strategies.ilp import ILP, ILPHooks, KeepPlan
-from crop.strategies.plc import PLC, compress, splice_visual_tokens
+from crop.strategies.plc import PLC, Compressed, compress, select_cells, splice_visual_tokens
 
 RegionLike = Region | Sequence[int]
 
@@ -59,7 +60,8 @@ class CropModel:
         self._hooks: ILPHooks | None = None
         if ilp is not None:
             ilp.validate(len(layers))
-            self._hooks = ILPHooks(layers, ilp.layer)
+            if ilp.layer > 0:
+                self._hooks = ILPHooks(layers, ilp.layer)
 
     @property
     def method(self) -> str:
@@ -171,8 +173,12 @@ class CropModel:
         self._check_visual_tokens(input_ids, inputs["attention_mask"], layout.num_tokens)
         cell_masks = [r.token_mask(layout.rows, layout.cols, vp) for r, vp in zip(regions, viewports, strict=True)]
         leading = torch.ones(layout.leading, dtype=torch.bool)
-        if self.plc is not None:
-            inputs, keep_visual = self._compress(inputs, cell_masks, layout.leading)
+        if self.ilp is not None and self.ilp.layer == 0:
+            position = self.plc.position if self.plc is not None else "original"
+            inputs, keep_visual = self._compress(inputs, cell_masks, layout.leading, select_cells, position)
+        elif self.plc is not None:
+            compressor = functools.partial(compress, plc=self.plc)
+            inputs, keep_visual = self._compress(inputs, cell_masks, layout.leading, compressor, self.plc.position)
         else:
             keep_visual = [torch.cat([leading, mask.view(-1)]) for mask in cell_masks]
         llm_input = [int(k.numel()) for k in keep_visual]
@@ -225,13 +231,19 @@ class CropModel:
                 )
 
     def _compress(
-        self, inputs: dict[str, Any], cell_masks: list[torch.Tensor], leading: int
+        self,
+        inputs: dict[str, Any],
+        cell_masks: list[torch.Tensor],
+        leading: int,
+        compressor: Callable[[torch.Tensor, torch.Tensor], Compressed],
+        position: str,
     ) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """Replace each row's visual tokens by `compressor(features, region cells)` before the LLM."""
         pixel_values = inputs.pop("pixel_values", None)
         if pixel_values is None:
-            raise ConfigError("PLC needs pixel_values: pass the processor's output")
+            raise ConfigError("PLC and ILP at K=0 need pixel_values: pass the processor's output")
         features = self.adapter.image_features(pixel_values)
-        compressed = [compress(features[b, leading:], mask, self.plc) for b, mask in enumerate(cell_masks)]
+        compressed = [compressor(features[b, leading:], mask) for b, mask in enumerate(cell_masks)]
         input_ids, attention_mask, position_ids = splice_visual_tokens(
             inputs["input_ids"],
             inputs["attention_mask"],
@@ -247,7 +259,7 @@ class CropModel:
             attention_mask=attention_mask,
             inputs_embeds=self.adapter.embed(input_ids, row_features),
         )
-        if self.plc.position == "original":
+        if position == "original":
             inputs["position_ids"] = position_ids
         always = torch.ones(leading, dtype=torch.bool)
         keep_visual = [torch.cat([always, c.inside.cpu()]) for c in compressed]

@@ -148,7 +148,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_processor(image_size: int = 168, patch_size: int = 14) -> LlavaProcessor:
+def build_processor(image_size: int = 168, patch_size: int = 14, select_strategy: str = "default") -> LlavaProcessor:
     """A LLaVA-1.5-style processor: resize shortest edge, center crop, CLIP normalisation, chat template."""
     image_processor = LlavaImageProcessorPil(
         size={"shortest_edge": image_size},
@@ -162,7 +162,7 @@ def build_processor(image_size: int = 168, patch_size: int = 14) -> LlavaProcess
         image_processor=image_processor,
         tokenizer=build_tokenizer(),
         patch_size=patch_size,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=select_strategy,
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )
@@ -177,6 +177,7 @@ def build_model(
     seed: int = 0,
     vocab_size: int | None = None,
     initializer_range: float = 0.1,
+    select_strategy: str = "default",
 ) -> LlavaForConditionalGeneration:
     """A random-weight LLaVA with a `(image_size/patch_size)^2` token grid and a small Llama (GQA 4:2)."""
     tokenizer = build_tokenizer()
@@ -206,7 +207,7 @@ def build_model(
         text_config=text,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=select_strategy,
         initializer_range=initializer_range,
     )
     config._attn_implementation = attn_implementation
@@ -220,8 +221,9 @@ def build_model(
 def save_tiny(directory: str | Path, **model_kwargs: Any) -> Path:
     """Build a tiny model and its processor and save both to `directory` (HF format)."""
     directory = Path(directory)
-    image_size = model_kwargs.get("image_size", 168)
-    patch_size = model_kwargs.get("patch_size", 14)
+    processor_kwargs = {
+        k: model_kwargs[k] for k in ("image_size", "patch_size", "select_strategy") if k in model_kwargs
+    }
     build_model(**model_kwargs).save_pretrained(directory)
-    build_processor(image_size, patch_size).save_pretrained(directory)
+    build_processor(**processor_kwargs).save_pretrained(directory)
     return directory

@@ -22,15 +22,18 @@ from crop.errors import ConfigError
 
 @dataclass(frozen=True)
 class ILP:
-    """Inner-LLM pruning settings: `layer` is K, the first decoder layer that sees only the kept tokens."""
+    """Inner-LLM pruning settings: `layer` is K, the first decoder layer that sees only the kept tokens.
+
+    K = 0 drops the tokens from the input embeddings before the LLM (positions stay the original ones).
+    """
 
     layer: int = 2
 
     def validate(self, num_layers: int) -> None:
-        if not isinstance(self.layer, int) or not 1 <= self.layer < num_layers:
+        if not isinstance(self.layer, int) or not 0 <= self.layer < num_layers:
             raise ConfigError(
                 f"ILP layer K={self.layer!r} is out of range: this model has {num_layers} decoder layers, "
-                f"so K must be an integer in 1..{num_layers - 1}"
+                f"so K must be an integer in 0..{num_layers - 1}"
             )
 
 
