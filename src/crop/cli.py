@@ -57,6 +57,17 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--overlay", type=Path, default=Path("results") / "demo_overlay.png")
     _add_pruning_args(demo)
     demo.set_defaults(run=_run_demo)
+
+    synth = commands.add_parser("synth", help="the synthetic grounded-VQA task").add_subparsers(
+        required=True, metavar="SYNTH_COMMAND"
+    )
+    train = synth.add_parser("train", help="train the synthetic-task VLM from scratch (resumes from --out)")
+    train.add_argument("--out", type=Path, default=Path("runs") / "synth", help="run directory (checkpoints, log)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--vision-steps", type=int, default=2500, help="stage 1: vision tower on per-patch heads")
+    train.add_argument("--steps", type=int, default=6000, help="stage 2: questions and localization")
+    train.add_argument("--threads", type=int, default=2)
+    train.set_defaults(run=_run_synth_train)
     return parser
 
 
@@ -141,6 +152,18 @@ def _run_demo(args: argparse.Namespace) -> int:
     args.overlay.parent.mkdir(parents=True, exist_ok=True)
     draw_overlay(scene.image, answer.stats.rows[0]).save(args.overlay)
     print(f"overlay: {args.overlay}")
+    return 0
+
+
+def _run_synth_train(args: argparse.Namespace) -> int:
+    from crop.synth.train import TrainConfig, Trainer
+
+    config = TrainConfig(seed=args.seed, vision_steps=args.vision_steps, steps=args.steps, threads=args.threads)
+    trainer = Trainer(args.out, config)
+    if trainer.step:
+        print(f"resuming {args.out} at step {trainer.step} of {trainer.total_steps}")
+    trainer.run()
+    print(f"done: {args.out / 'model'} ({trainer.elapsed / 60:.1f} min of training)")
     return 0
 
 

@@ -131,9 +131,9 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over a small fixed vocabulary, built offline."""
-    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + list(dict.fromkeys(WORDS)))}
+def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over a small fixed vocabulary (`WORDS` by default), built offline."""
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + list(dict.fromkeys(words or WORDS)))}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
@@ -148,7 +148,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_processor(image_size: int = 168, patch_size: int = 14, select_strategy: str = "default") -> LlavaProcessor:
+def build_processor(
+    image_size: int = 168,
+    patch_size: int = 14,
+    select_strategy: str = "default",
+    words: list[str] | None = None,
+) -> LlavaProcessor:
     """A LLaVA-1.5-style processor: resize shortest edge, center crop, CLIP normalisation, chat template."""
     image_processor = LlavaImageProcessorPil(
         size={"shortest_edge": image_size},
@@ -160,7 +165,7 @@ def build_processor(image_size: int = 168, patch_size: int = 14, select_strategy
     )
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=build_tokenizer(),
+        tokenizer=build_tokenizer(words),
         patch_size=patch_size,
         vision_feature_select_strategy=select_strategy,
         num_additional_image_tokens=1,
@@ -178,14 +183,17 @@ def build_model(
     vocab_size: int | None = None,
     initializer_range: float = 0.1,
     select_strategy: str = "default",
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    words: list[str] | None = None,
 ) -> LlavaForConditionalGeneration:
     """A random-weight LLaVA with a `(image_size/patch_size)^2` token grid and a small Llama (GQA 4:2)."""
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(words)
     vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=2 if vision_hidden < 64 else 4,
         image_size=image_size,
         patch_size=patch_size,
     )

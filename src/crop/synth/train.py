@@ -1,0 +1,352 @@
+"""Training the synthetic-task VLM from scratch on CPU: resumable, logged, reproducible by seed.
+
+Stage 1 trains the vision tower and projector alone on per-patch heads (colour, shape, tag digit, block x/y):
+reading is learned cheaply before any question. Stage 2 trains everything on questions and on localization
+prompts (`locate : <question>` -> `x0 y0 x1 y1`), keeps the per-patch heads as an auxiliary loss, and adds an
+attention-grounding loss: at one LLM layer, the last prompt token's attention (mean over heads) should fall on
+the target object's patches. That loss teaches binding ("the red object" -> its patches) directly, which
+SYNTH-NOTES.md found to be the slow part of learning this task from the answer alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from crop.prompting import build_prompt
+from crop.synth.model import LOCATE_INSTRUCTION, build_synth_model, build_synth_processor
+from crop.synth.scene import (
+    COLOURS,
+    IMAGE_SIZE,
+    KIND_SHARES,
+    KINDS,
+    PATCH,
+    SHAPES,
+    SPLIT_SEEDS,
+    draw_scene,
+    make_objects,
+    make_question,
+    make_sample,
+    patch_labels,
+)
+from crop.tiny import CLIP_MEAN, CLIP_STD
+
+HEAD_CLASSES = {"colour": len(COLOURS) + 1, "shape": len(SHAPES) + 1, "digit": 11, "block_x": 8, "block_y": 8}
+SIDE = IMAGE_SIZE // PATCH
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run; saved beside its checkpoints."""
+
+    seed: int = 0
+    vision_steps: int = 2500
+    steps: int = 6000
+    images_per_step: int = 16
+    questions_per_image: int = 2
+    lr: float = 1e-3
+    min_lr: float = 5e-5
+    warmup: int = 150
+    decay_from: float = 0.35
+    locate_share: float = 0.25
+    aux_weight: float = 0.3
+    grounding_weight: float = 0.5
+    grounding_layer: int = 1
+    checkpoint_every: int = 200
+    eval_every: int = 500
+    eval_samples: int = 300
+    threads: int = 2
+    extra: dict = field(default_factory=dict)
+
+
+def pixel_values(images: list) -> torch.Tensor:
+    """CLIP-normalised pixels of 224 px images, as the model's processor computes them."""
+    array = np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in images])
+    array = (array - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+class PatchHeads(nn.Module):
+    """Linear per-patch classifiers on the projected visual tokens (training only)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.heads = nn.ModuleDict({name: nn.Linear(dim, n) for name, n in HEAD_CLASSES.items()})
+
+    def loss(self, features: torch.Tensor, labels: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        total, parts = 0.0, {}
+        for name, head in self.heads.items():
+            logits = head(features).float()
+            target = labels[name].view(logits.shape[0], -1)
+            weight = None
+            if name == "digit":  # the tag is one patch in ~50: weight it up
+                weight = torch.ones(HEAD_CLASSES["digit"])
+                weight[1:] = 10.0
+            loss = F.cross_entropy(logits.transpose(1, 2), target, weight=weight)
+            total = total + loss
+            if name == "digit":
+                on_tag = target > 0
+                parts["tag_acc"] = float((logits.argmax(-1)[on_tag] == target[on_tag]).float().mean())
+        return total, parts
+
+
+@dataclass
+class Batch:
+    pixel_values: torch.Tensor
+    labels: dict[str, torch.Tensor]
+    input_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    image_index: torch.Tensor | None = None
+    grounding: list[list[int]] | None = None
+    query_position: torch.Tensor | None = None
+    kinds: list[str] | None = None
+
+
+class Trainer:
+    """Runs (or resumes) a training run in `out`: `state.pt` and `model/` checkpoints, `log.jsonl`."""
+
+    def __init__(self, out: Path, config: TrainConfig) -> None:
+        self.out = Path(out)
+        self.config = config
+        torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)
+        self.model = build_synth_model(seed=config.seed, attn_implementation="eager")
+        self.processor = build_synth_processor()
+        self.tokenizer = self.processor.tokenizer
+        self.image_token = self.model.config.image_token_id
+        dim = self.model.config.text_config.hidden_size
+        self.heads = PatchHeads(dim)
+        self.step = 0
+        self.vision_optimizer = torch.optim.AdamW(self._vision_parameters(), lr=config.lr, weight_decay=0.01)
+        self.optimizer = torch.optim.AdamW(
+            list(self.model.parameters()) + list(self.heads.parameters()), lr=config.lr, weight_decay=0.01
+        )
+        self.elapsed = 0.0
+        if (self.out / "state.pt").is_file():
+            self._load()
+
+    def _vision_parameters(self) -> list[nn.Parameter]:
+        return (
+            list(self.model.model.vision_tower.parameters())
+            + list(self.model.model.multi_modal_projector.parameters())
+            + list(self.heads.parameters())
+        )
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.vision_steps + self.config.steps
+
+    def lr_at(self, step: int) -> float:
+        """Warm-up, constant until `decay_from` of the stage, then cosine to `min_lr` (per stage)."""
+        c = self.config
+        stage_step, stage_len = (step, c.vision_steps) if step < c.vision_steps else (step - c.vision_steps, c.steps)
+        if stage_step < c.warmup:
+            return c.lr * (stage_step + 1) / c.warmup
+        start = int(c.decay_from * stage_len)
+        if stage_step < start:
+            return c.lr
+        progress = (stage_step - start) / max(1, stage_len - start)
+        return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * progress))
+
+    def run(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="synth train", dynamic_ncols=True)
+        while self.step < self.total_steps:
+            start = time.perf_counter()
+            vision_only = self.step < self.config.vision_steps
+            record = self._train_step(vision_only)
+            self.elapsed += time.perf_counter() - start
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "answer_acc", "tag_acc")})
+            if self.step % 25 == 0:
+                self._log({"step": self.step, "stage": 1 if vision_only else 2, **record})
+            if self.step % self.config.eval_every == 0 and not vision_only or self.step == self.total_steps:
+                self._log({"step": self.step, "eval": evaluate_teacher_forced(self, self.config.eval_samples)})
+            if self.step % self.config.checkpoint_every == 0 or self.step == self.total_steps:
+                self._save()
+        bar.close()
+
+    def _train_step(self, vision_only: bool) -> dict[str, float]:
+        lr = self.lr_at(self.step)
+        optimizer = self.vision_optimizer if vision_only else self.optimizer
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = self._batch(self.step, with_questions=not vision_only)
+        self.model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features = self._features(batch.pixel_values)
+            aux, parts = self.heads.loss(features, batch.labels)
+            record = {"lr": lr, "aux": aux.item(), **parts}
+            loss = aux
+            if not vision_only:
+                answer_loss, grounding_loss, accuracy = self._question_losses(batch, features)
+                loss = answer_loss + self.config.aux_weight * aux + self.config.grounding_weight * grounding_loss
+                record.update(answer=answer_loss.item(), grounding=grounding_loss.item(), answer_acc=accuracy)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        optimizer.step()
+        record["loss"] = loss.item()
+        return record
+
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+        output = self.model.model.get_image_features(
+            pixel_values=pixels, vision_feature_layer=-1, vision_feature_select_strategy="default"
+        )
+        return torch.stack(list(output.pooler_output))
+
+    def _question_losses(self, batch: Batch, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        embeds = self.model.get_input_embeddings()(batch.input_ids)
+        visual = batch.input_ids == self.image_token
+        embeds = embeds.masked_scatter(visual[..., None], features[batch.image_index].to(embeds.dtype))
+        output = self.model(
+            inputs_embeds=embeds,
+            attention_mask=batch.attention_mask,
+            output_attentions=self.config.grounding_weight > 0,
+        )
+        logits = output.logits[:, :-1].float()
+        targets = batch.targets[:, 1:]
+        answer_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100)
+        first = batch.query_position
+        rows = torch.arange(logits.shape[0])
+        accuracy = float((logits[rows, first].argmax(-1) == targets[rows, first]).float().mean())
+        grounding = torch.zeros(())
+        if self.config.grounding_weight > 0:
+            attention = output.attentions[self.config.grounding_layer].float().mean(1)  # (B, L, L)
+            losses = []
+            for row, positions in enumerate(batch.grounding):
+                if positions:
+                    mass = attention[row, first[row], positions].sum()
+                    losses.append(-torch.log(mass + 1e-4))
+            if losses:
+                grounding = torch.stack(losses).mean()
+        return answer_loss, grounding, accuracy
+
+    def _batch(self, step: int, with_questions: bool, split: str = "train") -> Batch:
+        c = self.config
+        rng = random.Random(SPLIT_SEEDS[split] + 7919 * step + c.seed)
+        scenes = [make_objects(rng) for _ in range(c.images_per_step)]
+        images = [draw_scene(objects) for objects in scenes]
+        labels = {
+            name: torch.from_numpy(np.stack([patch_labels(objects)[name] for objects in scenes]))
+            for name in HEAD_CLASSES
+        }
+        batch = Batch(pixel_values(images), labels)
+        if not with_questions:
+            return batch
+        items = []
+        for image_index, objects in enumerate(scenes):
+            for _ in range(c.questions_per_image):
+                kind = rng.choices(KINDS, weights=KIND_SHARES)[0]
+                question, answer, region, target = make_question(objects, kind, rng)
+                locate = rng.random() < c.locate_share
+                if locate:
+                    answer = " ".join(str(v) for v in region.to_grid())
+                    question = LOCATE_INSTRUCTION.format(question=question)
+                cells = [] if target is None else _cell_positions(objects[target].box)
+                items.append((image_index, question, answer, cells, kind))
+        return self._encode(batch, items)
+
+    def _encode(self, batch: Batch, items: list[tuple[int, str, str, list[int], str]]) -> Batch:
+        image_block = "<image>" * (SIDE * SIDE)
+        sequences, targets, queries, grounding = [], [], [], []
+        for _, question, answer, cells, _ in items:
+            prompt = build_prompt(self.processor, question).replace("<image>", image_block)
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            sequences.append(prompt_ids + answer_ids)
+            targets.append([-100] * len(prompt_ids) + answer_ids)
+            queries.append(len(prompt_ids) - 1)
+            image_start = prompt_ids.index(self.image_token)
+            grounding.append([image_start + cell for cell in cells])
+        width = max(len(s) for s in sequences)
+        pad = self.tokenizer.pad_token_id
+        batch.input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
+        batch.attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+        batch.targets = torch.tensor([t + [-100] * (width - len(t)) for t in targets])
+        batch.query_position = torch.tensor(queries)
+        batch.image_index = torch.tensor([item[0] for item in items])
+        batch.grounding = grounding
+        batch.kinds = [item[4] for item in items]
+        return batch
+
+    def _save(self) -> None:
+        self.model.save_pretrained(self.out / "model")
+        self.processor.save_pretrained(self.out / "model")
+        (self.out / "model" / "crop_localizer.json").write_text(json.dumps({"instruction": LOCATE_INSTRUCTION}))
+        state = {
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "heads": self.heads.state_dict(),
+            "vision_optimizer": self.vision_optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "model": self.model.state_dict(),
+        }
+        torch.save(state, self.out / "state.tmp")
+        (self.out / "state.tmp").replace(self.out / "state.pt")
+
+    def _load(self) -> None:
+        state = torch.load(self.out / "state.pt", weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.heads.load_state_dict(state["heads"])
+        self.vision_optimizer.load_state_dict(state["vision_optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.elapsed = state["step"], state["elapsed"]
+
+    def _log(self, record: dict) -> None:
+        record = {"elapsed_s": round(self.elapsed, 1), **record}
+        with open(self.out / "log.jsonl", "a") as log:
+            log.write(json.dumps(record) + "\n")
+
+
+def _cell_positions(box: tuple[int, int, int, int]) -> list[int]:
+    """Raster indices of the patches inside a pixel box."""
+    x0, y0, x1, y1 = (v // PATCH for v in box)
+    return [row * SIDE + col for row in range(y0, y1) for col in range(x0, x1)]
+
+
+@torch.no_grad()
+def evaluate_teacher_forced(trainer: Trainer, count: int, split: str = "val") -> dict[str, float]:
+    """Fast accuracy on `count` samples of a split: first answer token (questions) and all 4 box tokens (locate)."""
+    model = trainer.model.eval()
+    result: dict[str, list[float]] = {}
+    for start in range(0, count, 32):
+        samples = [make_sample(split, i) for i in range(start, min(count, start + 32))]
+        batch = Batch(pixel_values([s.image for s in samples]), {})
+        items = [(i, s.question, s.answer, [], s.kind) for i, s in enumerate(samples)]
+        items += [
+            (i, LOCATE_INSTRUCTION.format(question=s.question), " ".join(map(str, s.region.to_grid())), [], "locate")
+            for i, s in enumerate(samples)
+        ]
+        batch = trainer._encode(batch, items)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features = trainer._features(batch.pixel_values)
+            embeds = model.get_input_embeddings()(batch.input_ids)
+            visual = batch.input_ids == trainer.image_token
+            embeds = embeds.masked_scatter(visual[..., None], features[batch.image_index].to(embeds.dtype))
+            logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask).logits.float()
+        predicted = logits[:, :-1].argmax(-1)
+        targets = batch.targets[:, 1:]
+        for row, kind in enumerate(batch.kinds):
+            answer = targets[row] != -100
+            answer[targets[row] == trainer.tokenizer.eos_token_id] = False
+            correct = bool((predicted[row][answer] == targets[row][answer]).all())
+            result.setdefault(kind, []).append(float(correct))
+    summary = {kind: sum(v) / len(v) for kind, v in result.items()}
+    answers = [x for kind, v in result.items() if kind != "locate" for x in v]
+    summary["answer_all"] = sum(answers) / len(answers)
+    model.train()
+    return summary
