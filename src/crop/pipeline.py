@@ -1,8 +1,7 @@
-"""`crop.apply`: one call that makes a Hugging Face VLM answer with the visual tokens of its region."""
+"""`crop.apply`: one call that makes a Hugging Face VLM answer with a fraction of its visual tokens."""
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,9 +17,11 @@ from crop.localize import FixedLocalizer, Localizer
 from crop.models import adapter_for
 from crop.prompting import build_prompt
 from crop.region import Region, Viewport
-from crop.stats import DROPPED, FINE, POOLED, PruneStats, RowStats
+from crop.stats import PruneStats, RowStats
+from crop.strategies.base import Method, Selection
+from crop.strategies.crop_method import CROP
 from crop.strategies.ilp import ILP, ILPHooks, KeepPlan
-from crop.strategies.plc import PLC, Compressed, compress, select_cells, splice_visual_tokens
+from crop.strategies.plc import PLC, splice_visual_tokens
 
 RegionLike = Region | Sequence[int]
 
@@ -34,7 +35,7 @@ class Answer:
 
 
 class CropModel:
-    """A VLM with CROP attached: `generate` and `__call__` prune, the wrapped model itself is left as it was.
+    """A VLM with a pruning method attached: `generate` and `__call__` prune; the model itself is left as it was.
 
     Hooks are registered on this model instance only and act only during calls made through this object;
     `remove()` takes them off.
@@ -45,40 +46,25 @@ class CropModel:
         model: Any,
         processor: Any = None,
         localizer: Localizer | None = None,
-        ilp: ILP | None = None,
-        plc: PLC | None = None,
+        method: Method | None = None,
         prompt_template: str | None = None,
     ) -> None:
         self.model = model
         self.processor = processor
         self.localizer = localizer
-        self.ilp = ilp
-        self.plc = plc
+        self.method = method if method is not None else CROP(ILP())
         self.prompt_template = prompt_template
         self.adapter = adapter_for(model)
         layers = self.adapter.decoder_layers()
-        self._hooks: ILPHooks | None = None
-        if ilp is not None:
-            ilp.validate(len(layers))
-            if ilp.layer > 0:
-                self._hooks = ILPHooks(layers, ilp.layer)
-
-    @property
-    def method(self) -> str:
-        parts = []
-        if self.plc is not None:
-            rings = f", rings {list(self.plc.rings)}" if self.plc.rings else ""
-            parts.append(f"PLC({self.plc.form}, ratio {self.plc.ratio}{rings})")
-        if self.ilp is not None:
-            parts.append(f"ILP(K={self.ilp.layer})")
-        return " + ".join(parts) or "none"
+        layout = self.adapter.visual_layout()
+        self.method.validate(len(layers), layout.rows * layout.cols)
+        self._hooks = ILPHooks(layers, self.method.layer) if self.method.layer is not None else None
 
     def remove(self) -> None:
         """Take the hooks off the model; it behaves exactly as before `apply`."""
         if self._hooks is not None:
             self._hooks.remove()
             self._hooks = None
-        self.ilp = None
 
     def prepare(
         self,
@@ -98,12 +84,14 @@ class CropModel:
             raise ConfigError(f"got {len(image_list)} images and {len(question_list)} questions; pass one per image")
         loaded = [load_image(image) for image in image_list]
         start = time.perf_counter()
-        if regions is None:
-            if self.localizer is None:
-                raise ConfigError("no region: pass regions=... or give crop.apply a localizer")
-            region_list = [self.localizer.localize(img, q) for img, q in zip(loaded, question_list, strict=True)]
-        else:
+        if regions is not None:
             region_list = _region_list(regions, len(loaded))
+        elif self.localizer is not None:
+            region_list = [self.localizer.localize(img, q) for img, q in zip(loaded, question_list, strict=True)]
+        elif self.method.needs_region:
+            raise ConfigError("no region: pass regions=... or give crop.apply a localizer")
+        else:
+            region_list = None
         localize_seconds = time.perf_counter() - start
         prompts = [build_prompt(self.processor, q, self.prompt_template) for q in question_list]
         inputs = dict(
@@ -170,36 +158,27 @@ class CropModel:
         regions = self._resolve_regions(regions_given, batch)
         viewports = list(viewports) if viewports is not None else [Viewport()] * batch
         layout = self.adapter.visual_layout()
+        shape = (layout.rows, layout.cols)
         self._check_visual_tokens(input_ids, inputs["attention_mask"], layout.num_tokens)
-        cell_masks = [r.token_mask(layout.rows, layout.cols, vp) for r, vp in zip(regions, viewports, strict=True)]
-        leading = torch.ones(layout.leading, dtype=torch.bool)
-        if self.ilp is not None and self.ilp.layer == 0:
-            position = self.plc.position if self.plc is not None else "original"
-            inputs, keep_visual = self._compress(inputs, cell_masks, layout.leading, select_cells, position)
-        elif self.plc is not None:
-            compressor = functools.partial(compress, plc=self.plc)
-            inputs, keep_visual = self._compress(inputs, cell_masks, layout.leading, compressor, self.plc.position)
-        else:
-            keep_visual = [torch.cat([leading, mask.view(-1)]) for mask in cell_masks]
-        llm_input = [int(k.numel()) for k in keep_visual]
-        kept = [int(k.sum()) for k in keep_visual]
-        num_layers = len(self.adapter.decoder_layers())
-        first_pruned = self.ilp.layer if self.ilp is not None else num_layers
-        outside = DROPPED if self.ilp is not None else (POOLED if self.plc is not None else FINE)
-        rows = [
-            RowStats(
-                region,
-                layout.num_tokens,
-                n_in,
-                [n_in] * first_pruned + [n_kept] * (num_layers - first_pruned),
-                torch.where(mask, FINE, outside),
-                viewport,
-            )
-            for region, n_in, n_kept, mask, viewport in zip(
-                regions, llm_input, kept, cell_masks, viewports, strict=True
-            )
+        cell_masks = [
+            None if region is None else region.token_mask(*shape, viewport)
+            for region, viewport in zip(regions, viewports, strict=True)
         ]
-        stats = PruneStats(rows=rows, method=self.method)
+        features = None
+        if self.method.acts_before_llm:
+            pixel_values = inputs.pop("pixel_values", None)
+            if pixel_values is None:
+                raise ConfigError(f"{self.method.describe()} acts before the LLM and needs pixel_values")
+            features = self.adapter.image_features(pixel_values)
+        selections = [
+            self.method.select(None if features is None else features[b, layout.leading :], shape, mask, b)
+            for b, mask in enumerate(cell_masks)
+        ]
+        if features is not None:
+            inputs = self._splice(inputs, features, selections, layout.leading)
+        always = torch.ones(layout.leading, dtype=torch.bool)
+        keep_visual = [torch.cat([always, selection.keep]) for selection in selections]
+        stats = self._stats(regions, viewports, selections, keep_visual, layout.num_tokens)
         if localize_seconds is not None:
             stats.seconds["localize"] = localize_seconds
         model_input_ids = inputs["input_ids"]
@@ -211,11 +190,30 @@ class CropModel:
         with self._hooks.active(plan):
             return call(**inputs), stats, model_input_ids.shape[1]
 
-    def _resolve_regions(self, regions: Any, batch: int) -> list[Region]:
+    def _stats(
+        self,
+        regions: list[Region | None],
+        viewports: list[Viewport],
+        selections: list[Selection],
+        keep_visual: list[torch.Tensor],
+        image_tokens: int,
+    ) -> PruneStats:
+        num_layers = len(self.adapter.decoder_layers())
+        first_pruned = self.method.layer if self.method.layer is not None else num_layers
+        rows = []
+        for region, viewport, selection, keep in zip(regions, viewports, selections, keep_visual, strict=True):
+            n_in, n_kept = int(keep.numel()), int(keep.sum())
+            per_layer = [n_in] * first_pruned + [n_kept] * (num_layers - first_pruned)
+            rows.append(RowStats(region, image_tokens, n_in, per_layer, selection.cells, viewport))
+        return PruneStats(rows=rows, method=self.method.describe())
+
+    def _resolve_regions(self, regions: Any, batch: int) -> list[Region | None]:
         if regions is not None:
             return _region_list(regions, batch)
         if isinstance(self.localizer, FixedLocalizer):
             return [self.localizer.region] * batch
+        if not self.method.needs_region:
+            return [None] * batch
         raise ConfigError(
             "no region for this call: pass regions=[...] (one per row), use prepare()/ask() so that the "
             "localizer sees the image and question, or apply a FixedLocalizer"
@@ -230,20 +228,11 @@ class CropModel:
                     f"({expected} visual tokens for this model)"
                 )
 
-    def _compress(
-        self,
-        inputs: dict[str, Any],
-        cell_masks: list[torch.Tensor],
-        leading: int,
-        compressor: Callable[[torch.Tensor, torch.Tensor], Compressed],
-        position: str,
-    ) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        """Replace each row's visual tokens by `compressor(features, region cells)` before the LLM."""
-        pixel_values = inputs.pop("pixel_values", None)
-        if pixel_values is None:
-            raise ConfigError("PLC and ILP at K=0 need pixel_values: pass the processor's output")
-        features = self.adapter.image_features(pixel_values)
-        compressed = [compressor(features[b, leading:], mask) for b, mask in enumerate(cell_masks)]
+    def _splice(
+        self, inputs: dict[str, Any], features: torch.Tensor, selections: list[Selection], leading: int
+    ) -> dict[str, Any]:
+        """Replace each row's grid tokens by its selection's compressed tokens before the LLM."""
+        compressed = [selection.compressed for selection in selections]
         input_ids, attention_mask, position_ids = splice_visual_tokens(
             inputs["input_ids"],
             inputs["attention_mask"],
@@ -259,11 +248,9 @@ class CropModel:
             attention_mask=attention_mask,
             inputs_embeds=self.adapter.embed(input_ids, row_features),
         )
-        if position == "original":
+        if self.method.position == "original":
             inputs["position_ids"] = position_ids
-        always = torch.ones(leading, dtype=torch.bool)
-        keep_visual = [torch.cat([always, c.inside.cpu()]) for c in compressed]
-        return inputs, keep_visual
+        return inputs
 
     def _plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_visual: list[torch.Tensor]) -> KeepPlan:
         keep = attention_mask.bool().clone()
@@ -280,16 +267,20 @@ def apply(
     localizer: Localizer | None = None,
     ilp: ILP | int | None = 2,
     plc: PLC | int | None = None,
+    method: Method | None = None,
     prompt_template: str | None = None,
 ) -> CropModel:
-    """Attach CROP to `model` (one instance, reversibly) and return the pruning wrapper.
+    """Attach a pruning method to `model` (one instance, reversibly) and return the pruning wrapper.
 
-    `ilp`: an `ILP` or its layer K (default 2); None disables it. `plc`: a `PLC` or its pooling ratio; None
-    (default) disables it. `localizer` finds the region for `prepare`/`ask`; regions can also be passed per call.
+    By default the method is CROP: `ilp` is an `ILP` or its layer K (default 2; None disables it), `plc` a `PLC`
+    or its pooling ratio (None, the default, disables it). `method` replaces CROP by any other `Method`.
+    `localizer` finds the region for `prepare`/`ask`; regions can also be passed per call.
     """
-    ilp_config = ILP(layer=ilp) if isinstance(ilp, int) and not isinstance(ilp, bool) else ilp
-    plc_config = PLC(ratio=plc) if isinstance(plc, int) and not isinstance(plc, bool) else plc
-    return CropModel(model, processor, localizer, ilp_config, plc_config, prompt_template)
+    if method is None:
+        ilp_config = ILP(layer=ilp) if isinstance(ilp, int) and not isinstance(ilp, bool) else ilp
+        plc_config = PLC(ratio=plc) if isinstance(plc, int) and not isinstance(plc, bool) else plc
+        method = CROP(ilp_config, plc_config)
+    return CropModel(model, processor, localizer, method, prompt_template)
 
 
 def remove(crop_model: CropModel) -> Any:

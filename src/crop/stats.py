@@ -22,7 +22,7 @@ class RowStats:
     on the image.
     """
 
-    region: Region
+    region: Region | None
     image_tokens: int
     llm_input_tokens: int
     per_layer: list[int]
@@ -51,8 +51,9 @@ class PruneStats:
     def summary(self) -> str:
         lines = [f"method: {self.method}"]
         for index, row in enumerate(self.rows):
+            where = row.region or "no region"
             lines.append(
-                f"[{index}] {row.region}: visual tokens {row.image_tokens} -> LLM input {row.llm_input_tokens}"
+                f"[{index}] {where}: visual tokens {row.image_tokens} -> LLM input {row.llm_input_tokens}"
                 f" -> kept {row.kept_tokens} (average over layers {row.average_tokens:.1f})"
             )
         if self.seconds:

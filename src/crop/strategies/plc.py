@@ -99,12 +99,6 @@ def compress(features: torch.Tensor, inside: torch.Tensor, plc: PLC) -> Compress
     return Compressed(pooled, group_inside.to(features.device), first_cell.to(features.device))
 
 
-def select_cells(features: torch.Tensor, inside: torch.Tensor) -> Compressed:
-    """Keep only the region's cells, in raster order (ILP at K=0: pruning before the LLM)."""
-    cells = inside.reshape(-1).nonzero().squeeze(1).to(features.device)
-    return Compressed(features[cells], torch.ones_like(cells, dtype=torch.bool), cells)
-
-
 def _chebyshev_distance(inside: torch.Tensor) -> torch.Tensor:
     """Per cell, the chessboard distance in cells to the nearest region cell (0 inside)."""
     rows, cols = inside.shape

@@ -1,0 +1,81 @@
+"""The interface every pruning method implements: what it keeps before the LLM and from which layer on."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from crop.errors import ConfigError
+from crop.stats import DROPPED, FINE
+from crop.strategies.plc import Compressed
+
+
+@dataclass
+class Selection:
+    """One row's decision.
+
+    `compressed`: the grid tokens that replace the image's before the LLM (None: the LLM gets the full grid).
+    `keep`: per LLM-input grid token, whether it survives from layer `Method.layer` on.
+    `cells`: per grid cell, FINE / POOLED / DROPPED at the end (for stats and overlays).
+    """
+
+    compressed: Compressed | None
+    keep: torch.Tensor
+    cells: torch.Tensor
+
+
+class Method(ABC):
+    """A visual-token pruning method.
+
+    `layer`: the decoder layer from which tokens not in `Selection.keep` are dropped (None: no in-LLM dropping).
+    `needs_region`: whether `select` uses the contextual region. `position`: position ids of compressed tokens,
+    `original` (of their first grid cell) or `compact` (renumbered).
+    """
+
+    name: str = ""
+    needs_region: bool = False
+    layer: int | None = None
+    position: str = "original"
+
+    @property
+    def acts_before_llm(self) -> bool:
+        """Whether `select` returns compressed tokens (it then needs the image features)."""
+        return False
+
+    def validate(self, num_layers: int, grid_tokens: int) -> None:
+        """Refuse settings that do not fit the model (a layer out of range, a budget above the grid)."""
+        if self.layer is not None and not (isinstance(self.layer, int) and 1 <= self.layer < num_layers):
+            raise ConfigError(
+                f"{self.name}: layer {self.layer!r} is out of range: this model has {num_layers} decoder layers, "
+                f"so it must be an integer in 1..{num_layers - 1}"
+            )
+
+    @abstractmethod
+    def select(
+        self, features: torch.Tensor, shape: tuple[int, int], inside: torch.Tensor | None, row: int
+    ) -> Selection:
+        """Decide for row `row` given its `(rows*cols, dim)` grid features, the grid `shape` and the region's
+        `(rows, cols)` cells (None for methods that do not use a region)."""
+
+    def describe(self) -> str:
+        return self.name
+
+
+def check_budget(name: str, budget: int, grid_tokens: int) -> None:
+    if not isinstance(budget, int) or not 1 <= budget <= grid_tokens:
+        raise ConfigError(f"{name}: budget {budget!r} must be an integer in 1..{grid_tokens} (the image's grid tokens)")
+
+
+def keep_cells(features: torch.Tensor, cells: torch.Tensor, shape: tuple[int, int], drop_before_llm: bool) -> Selection:
+    """Keep the grid cells with raster indices `cells` (sorted): before the LLM, or flagged for an in-LLM layer."""
+    cells = cells.sort().values
+    state = torch.full((shape[0] * shape[1],), DROPPED, dtype=torch.long)
+    state[cells] = FINE
+    if drop_before_llm:
+        compressed = Compressed(features[cells.to(features.device)], torch.ones_like(cells, dtype=torch.bool), cells)
+        return Selection(compressed, torch.ones(cells.numel(), dtype=torch.bool), state.view(shape))
+    keep = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
+    keep[cells] = True
+    return Selection(None, keep, state.view(shape))

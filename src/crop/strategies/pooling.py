@@ -1,0 +1,55 @@
+"""Uniform pooling: average-pool the whole grid down to the budget (the image-downsampling baseline)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from crop.stats import POOLED
+from crop.strategies.base import Method, Selection, check_budget
+from crop.strategies.plc import Compressed
+
+
+def pooled_shape(rows: int, cols: int, budget: int) -> tuple[int, int]:
+    """The largest `h x w <= budget` grid with about the aspect ratio of `rows x cols` (h <= rows, w <= cols)."""
+    h = max(1, min(rows, math.floor(math.sqrt(budget * rows / cols))))
+    w = max(1, min(cols, budget // h))
+    return h, w
+
+
+class UniformPooling(Method):
+    """Adaptive average pooling of the `rows x cols` grid to `h x w <= budget` tokens before the LLM.
+
+    Each pooled token takes the position id of its window's top-left cell.
+    """
+
+    name = "pool"
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+
+    @property
+    def acts_before_llm(self) -> bool:
+        return True
+
+    def validate(self, num_layers: int, grid_tokens: int) -> None:
+        check_budget(self.name, self.budget, grid_tokens)
+
+    def select(
+        self, features: torch.Tensor, shape: tuple[int, int], inside: torch.Tensor | None, row: int
+    ) -> Selection:
+        rows, cols = shape
+        h, w = pooled_shape(rows, cols, self.budget)
+        grid = features.view(rows, cols, -1).permute(2, 0, 1).float()
+        pooled = F.adaptive_avg_pool2d(grid[None], (h, w))[0].permute(1, 2, 0).reshape(h * w, -1)
+        starts_r = torch.tensor([(i * rows) // h for i in range(h)])
+        starts_c = torch.tensor([(j * cols) // w for j in range(w)])
+        first = (starts_r[:, None] * cols + starts_c[None, :]).reshape(-1)
+        compressed = Compressed(pooled.to(features.dtype), torch.ones(h * w, dtype=torch.bool), first)
+        cells = torch.full(shape, POOLED, dtype=torch.long)
+        return Selection(compressed, torch.ones(h * w, dtype=torch.bool), cells)
+
+    def describe(self) -> str:
+        return f"pool({self.budget})"
