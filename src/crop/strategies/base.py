@@ -54,7 +54,7 @@ class Method(ABC):
 
     @abstractmethod
     def select(
-        self, features: torch.Tensor, shape: tuple[int, int], inside: torch.Tensor | None, row: int
+        self, features: torch.Tensor | None, shape: tuple[int, int], inside: torch.Tensor | None, row: int
     ) -> Selection:
         """Decide for row `row` given its `(rows*cols, dim)` grid features, the grid `shape` and the region's
         `(rows, cols)` cells (None for methods that do not use a region)."""
@@ -68,7 +68,9 @@ def check_budget(name: str, budget: int, grid_tokens: int) -> None:
         raise ConfigError(f"{name}: budget {budget!r} must be an integer in 1..{grid_tokens} (the image's grid tokens)")
 
 
-def keep_cells(features: torch.Tensor, cells: torch.Tensor, shape: tuple[int, int], drop_before_llm: bool) -> Selection:
+def keep_cells(
+    features: torch.Tensor | None, cells: torch.Tensor, shape: tuple[int, int], drop_before_llm: bool
+) -> Selection:
     """Keep the grid cells with raster indices `cells` (sorted): before the LLM, or flagged for an in-LLM layer."""
     cells = cells.sort().values
     state = torch.full((shape[0] * shape[1],), DROPPED, dtype=torch.long)

@@ -35,7 +35,7 @@ class CROP(Method):
             self.ilp.validate(num_layers)
 
     def select(
-        self, features: torch.Tensor, shape: tuple[int, int], inside: torch.Tensor | None, row: int
+        self, features: torch.Tensor | None, shape: tuple[int, int], inside: torch.Tensor | None, row: int
     ) -> Selection:
         if inside is None:
             raise ConfigError("CROP needs a region")

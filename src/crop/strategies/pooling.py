@@ -38,7 +38,7 @@ class UniformPooling(Method):
         check_budget(self.name, self.budget, grid_tokens)
 
     def select(
-        self, features: torch.Tensor, shape: tuple[int, int], inside: torch.Tensor | None, row: int
+        self, features: torch.Tensor | None, shape: tuple[int, int], inside: torch.Tensor | None, row: int
     ) -> Selection:
         rows, cols = shape
         h, w = pooled_shape(rows, cols, self.budget)

@@ -29,10 +29,10 @@ class RandomSelection(Method):
         check_budget(self.name, self.budget, grid_tokens)
 
     def select(
-        self, features: torch.Tensor, shape: tuple[int, int], inside: torch.Tensor | None, row: int
+        self, features: torch.Tensor | None, shape: tuple[int, int], inside: torch.Tensor | None, row: int
     ) -> Selection:
         generator = torch.Generator().manual_seed(self.seed + row)
-        cells = torch.randperm(features.shape[0], generator=generator)[: self.budget]
+        cells = torch.randperm(shape[0] * shape[1], generator=generator)[: self.budget]
         return keep_cells(features, cells, shape, drop_before_llm=self.layer is None)
 
     def describe(self) -> str:

@@ -1,0 +1,76 @@
+"""Baselines behind the same interface: random selection and uniform pooling, against by-hand references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import batch_inputs
+from reference import merged_embeddings, run_layers, unpadded_row
+
+import crop
+from crop.errors import ConfigError
+from crop.strategies.pooling import UniformPooling, pooled_shape
+from crop.strategies.random_select import RandomSelection
+
+SIDE = 12
+
+
+@pytest.mark.parametrize("layer", [None, 2])
+def test_random_selection_keeps_budget_and_matches_reference(model, processor, layer):
+    inputs = batch_inputs(processor, 3)
+    budget = 20
+    method = RandomSelection(budget, seed=3, layer=layer)
+    pruned = crop.apply(model, processor, method=method)
+    try:
+        output, stats = pruned(**inputs)
+    finally:
+        pruned.remove()
+    image_token = model.config.image_token_id
+    for row in range(3):
+        chosen = torch.randperm(SIDE * SIDE, generator=torch.Generator().manual_seed(3 + row))[:budget]
+        input_ids, pixel_values = unpadded_row(inputs, row)
+        visual = (input_ids[0] == image_token).nonzero().squeeze(1)
+        keep = torch.ones(input_ids.shape[1], dtype=torch.bool)
+        keep[visual] = False
+        keep[visual[chosen]] = True
+        embeds = merged_embeddings(model, input_ids, pixel_values)
+        expected = run_layers(model, embeds, torch.arange(input_ids.shape[1]), keep, layer or 0)[0]
+        got = output.logits[row, output.logits.shape[1] - expected.shape[0] :]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        assert stats.rows[row].kept_tokens == budget
+        assert stats.rows[row].region is None
+
+
+@pytest.mark.parametrize(("budget", "shape"), [(16, (4, 4)), (36, (6, 6)), (20, (4, 5)), (144, (12, 12))])
+def test_uniform_pooling_matches_pooling_by_hand(model, processor, budget, shape):
+    assert pooled_shape(SIDE, SIDE, budget) == shape
+    inputs = batch_inputs(processor, 2)
+    pruned = crop.apply(model, processor, method=UniformPooling(budget))
+    output, stats = pruned(**inputs)
+    h, w = shape
+    image_token = model.config.image_token_id
+    for row in range(2):
+        input_ids, pixel_values = unpadded_row(inputs, row)
+        embeds = merged_embeddings(model, input_ids, pixel_values)
+        visual = (input_ids[0] == image_token).nonzero().squeeze(1)
+        start, end = int(visual[0]), int(visual[-1]) + 1
+        grid = embeds[0, start:end].view(SIDE, SIDE, -1)
+        tokens, positions = [], []
+        for i in range(h):
+            r0, r1 = (i * SIDE) // h, -(-((i + 1) * SIDE) // h)
+            for j in range(w):
+                c0, c1 = (j * SIDE) // w, -(-((j + 1) * SIDE) // w)
+                tokens.append(grid[r0:r1, c0:c1].reshape(-1, grid.shape[-1]).mean(0))
+                positions.append(start + r0 * SIDE + c0)
+        new = torch.cat([embeds[0, :start], torch.stack(tokens), embeds[0, end:]])[None]
+        pos = torch.cat([torch.arange(start), torch.tensor(positions), torch.arange(end, input_ids.shape[1])])
+        expected = run_layers(model, new, pos, None, 0)[0]
+        got = output.logits[row, output.logits.shape[1] - expected.shape[0] :]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        assert stats.rows[row].llm_input_tokens == h * w
+
+
+def test_budget_outside_the_grid_is_refused(sdpa_model, processor):
+    for method in (RandomSelection(145), UniformPooling(0), RandomSelection(10, layer=9)):
+        with pytest.raises(ConfigError, match="budget|layer"):
+            crop.apply(sdpa_model, processor, method=method)
