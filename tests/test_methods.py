@@ -74,3 +74,28 @@ def test_budget_outside_the_grid_is_refused(sdpa_model, processor):
     for method in (RandomSelection(145), UniformPooling(0), RandomSelection(10, layer=9)):
         with pytest.raises(ConfigError, match="budget|layer"):
             crop.apply(sdpa_model, processor, method=method)
+
+
+def test_crop_budget_mode_keeps_exactly_n_region_first(model, processor):
+    from crop.region import Region
+    from crop.strategies.crop_method import CROP, budget_cells
+    from crop.strategies.ilp import ILP
+
+    quarter = Region.from_grid([0, 0, 3, 3]).token_mask(SIDE, SIDE)  # 36 cells
+    small = budget_cells(quarter, 16)
+    assert set(small.tolist()) <= set(quarter.reshape(-1).nonzero().squeeze(1).tolist())
+    rows, cols = small // SIDE, small % SIDE
+    assert ((rows - 2.5) ** 2 + (cols - 2.5) ** 2).max() <= 2.5**2 + 1.5**2 + 1e-6  # the central 4x4 block
+    large = budget_cells(quarter, 49)  # 36 region cells + the 13 cells of the ring at distance 1
+    assert set(quarter.reshape(-1).nonzero().squeeze(1).tolist()) <= set(large.tolist())
+    extra = [int(i) for i in large if not quarter.reshape(-1)[i]]
+    assert all(i // SIDE <= 6 and i % SIDE <= 6 for i in extra)  # the ring right around the region
+    inputs = batch_inputs(processor, 2)
+    pruned = crop.apply(model, processor, method=CROP(ILP(2), budget=50))
+    try:
+        _, stats = pruned(**inputs, regions=[Region.from_grid([0, 0, 3, 3])] * 2)
+    finally:
+        pruned.remove()
+    assert [row.kept_tokens for row in stats.rows] == [50, 50]
+    with pytest.raises(ConfigError, match="budget mode"):
+        CROP(ILP(2), plc=crop.PLC(), budget=10)

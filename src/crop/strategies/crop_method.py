@@ -6,23 +6,28 @@ import torch
 
 from crop.errors import ConfigError
 from crop.stats import DROPPED, FINE, POOLED
-from crop.strategies.base import Method, Selection, keep_cells
+from crop.strategies.base import Method, Selection, check_budget, keep_cells
 from crop.strategies.ilp import ILP
-from crop.strategies.plc import PLC, compress
+from crop.strategies.plc import PLC, chebyshev_distance, compress
 
 
 class CROP(Method):
     """Contextual region-oriented pruning: `plc` pools outside the region, `ilp` drops it from layer K on.
 
     ILP at K = 0 drops the outside tokens before the LLM. With neither, nothing is pruned.
+    `budget` (ILP only) keeps exactly N visual tokens: the region's cells closest to its centre, then, if the
+    region has fewer than N, the outside cells nearest to it (DESIGN 1.3's budget mode).
     """
 
     name = "crop"
     needs_region = True
 
-    def __init__(self, ilp: ILP | None = None, plc: PLC | None = None) -> None:
+    def __init__(self, ilp: ILP | None = None, plc: PLC | None = None, budget: int | None = None) -> None:
+        if budget is not None and (ilp is None or plc is not None):
+            raise ConfigError("CROP's budget mode applies to ILP alone: pass ilp=... and no plc")
         self.ilp = ilp
         self.plc = plc
+        self.budget = budget
         self.layer = ilp.layer if ilp is not None and ilp.layer > 0 else None
         self.position = plc.position if plc is not None else "original"
 
@@ -33,12 +38,16 @@ class CROP(Method):
     def validate(self, num_layers: int, grid_tokens: int) -> None:
         if self.ilp is not None:
             self.ilp.validate(num_layers)
+        if self.budget is not None:
+            check_budget(self.name, self.budget, grid_tokens)
 
     def select(
         self, features: torch.Tensor | None, shape: tuple[int, int], inside: torch.Tensor | None, row: int
     ) -> Selection:
         if inside is None:
             raise ConfigError("CROP needs a region")
+        if self.budget is not None:
+            return keep_cells(features, budget_cells(inside, self.budget), shape, drop_before_llm=self.layer is None)
         if self.ilp is not None and self.ilp.layer == 0:
             return keep_cells(features, inside.reshape(-1).nonzero().squeeze(1), shape, True)
         outside = DROPPED if self.ilp is not None else (POOLED if self.plc is not None else FINE)
@@ -55,6 +64,8 @@ class CROP(Method):
         return Selection(None, keep, cells)
 
     def describe(self) -> str:
+        if self.budget is not None:
+            return f"ILP(K={self.ilp.layer}, budget {self.budget})"
         parts = []
         if self.plc is not None:
             rings = f", rings {list(self.plc.rings)}" if self.plc.rings else ""
@@ -62,3 +73,14 @@ class CROP(Method):
         if self.ilp is not None:
             parts.append(f"ILP(K={self.ilp.layer})")
         return " + ".join(parts) or "none"
+
+
+def budget_cells(inside: torch.Tensor, budget: int) -> torch.Tensor:
+    """Raster indices of `budget` cells: region cells by distance to the region's centre, then outside cells by
+    distance to the region (ties by distance to the centre, then raster order)."""
+    rows, cols = inside.shape
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    centre_r, centre_c = r[inside].float().mean(), c[inside].float().mean()
+    to_centre = ((r - centre_r) ** 2 + (c - centre_c) ** 2).sqrt()
+    order = chebyshev_distance(inside).double() * (rows * cols) ** 2 + to_centre.double()
+    return torch.argsort(order.reshape(-1), stable=True)[:budget]

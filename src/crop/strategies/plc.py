@@ -57,7 +57,7 @@ def group_cells(inside: torch.Tensor, plc: PLC) -> tuple[torch.Tensor, torch.Ten
     member, and `group_inside` (n,) whether each output is a region cell.
     """
     rows, cols = inside.shape
-    distance = _chebyshev_distance(inside)
+    distance = chebyshev_distance(inside)
     zone_ratio = torch.full((rows, cols), plc.ratio, dtype=torch.long)
     zone_id = torch.full((rows, cols), len(plc.rings) + 1, dtype=torch.long)
     outer = 0
@@ -99,7 +99,7 @@ def compress(features: torch.Tensor, inside: torch.Tensor, plc: PLC) -> Compress
     return Compressed(pooled, group_inside.to(features.device), first_cell.to(features.device))
 
 
-def _chebyshev_distance(inside: torch.Tensor) -> torch.Tensor:
+def chebyshev_distance(inside: torch.Tensor) -> torch.Tensor:
     """Per cell, the chessboard distance in cells to the nearest region cell (0 inside)."""
     rows, cols = inside.shape
     cells = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).view(-1, 2)
