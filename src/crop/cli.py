@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -68,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=6000, help="stage 2: questions and localization")
     train.add_argument("--threads", type=int, default=2)
     train.set_defaults(run=_run_synth_train)
+    evaluate = synth.add_parser("eval", help="accuracy versus visual-token budget on the synthetic test split")
+    evaluate.add_argument("--model", type=Path, default=Path("runs") / "synth" / "model")
+    evaluate.add_argument("--n", type=int, default=1000, help="number of test questions")
+    evaluate.add_argument("--out", type=Path, default=Path("results") / "synth_eval.json")
+    evaluate.add_argument("--plot", type=Path, default=Path("results") / "synth_budget.png")
+    evaluate.add_argument("--threads", type=int, default=2)
+    evaluate.set_defaults(run=_run_synth_eval)
     return parser
 
 
@@ -164,6 +172,18 @@ def _run_synth_train(args: argparse.Namespace) -> int:
         print(f"resuming {args.out} at step {trainer.step} of {trainer.total_steps}")
     trainer.run()
     print(f"done: {args.out / 'model'} ({trainer.elapsed / 60:.1f} min of training)")
+    return 0
+
+
+def _run_synth_eval(args: argparse.Namespace) -> int:
+    from crop.synth.evaluate import evaluate, markdown_table
+
+    results = evaluate(args.model, count=args.n, out=args.out, plot=args.plot, threads=args.threads)
+    table = markdown_table(results)
+    args.out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(json.dumps({"localization": results["localization"]["all"], "cost": results["localizer_cost"]}, indent=1))
+    print(f"wrote {args.out}, {args.out.with_suffix('.md')} and {args.plot}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -22,6 +23,9 @@ DEFAULT_INSTRUCTION = (
     "Question: {question} Answer with [xmin, ymin, xmax, ymax]."
 )
 """The instruction the localizer is asked (and trained) with; the paper does not publish its prompt."""
+
+LOCALIZER_SETTINGS = "crop_localizer.json"
+"""File beside a localizer checkpoint holding GridVLMLocalizer keyword arguments (e.g. its instruction)."""
 
 _NAMED = re.compile(r"\b([xy])[\s_-]?(min|max)\b\s*[=:]?\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -73,12 +77,17 @@ class GridVLMLocalizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs: Any) -> GridVLMLocalizer:
-        """Load a localizer VLM and its processor from a local directory or hub id."""
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        """Load a localizer VLM and its processor from a local directory or hub id.
 
-        model = AutoModelForImageTextToText.from_pretrained(path)
-        processor = AutoProcessor.from_pretrained(path)
-        return cls(model.eval(), processor, **kwargs)
+        A `crop_localizer.json` beside the weights may set the instruction the model was trained with.
+        """
+        from crop.loading import load_model
+
+        model, processor = load_model(path)
+        settings = Path(path) / LOCALIZER_SETTINGS
+        if settings.is_file():
+            kwargs = {**json.loads(settings.read_text()), **kwargs}
+        return cls(model, processor, **kwargs)
 
     def ask(self, image: Image.Image, question: str) -> str:
         """The localizer model's raw answer text for (image, question)."""

@@ -1,0 +1,255 @@
+"""Accuracy versus visual-token budget on the synthetic test split, per method and per kind of question."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+import crop
+from crop.loading import load_model
+from crop.localize import GridVLMLocalizer
+from crop.region import Region
+from crop.strategies.base import Method
+from crop.strategies.crop_method import CROP
+from crop.strategies.ilp import ILP
+from crop.strategies.plc import PLC
+from crop.strategies.pooling import UniformPooling
+from crop.strategies.random_select import RandomSelection
+from crop.synth.model import LOCATE_INSTRUCTION
+from crop.synth.scene import KINDS, PATCH, Sample, make_sample
+
+BUDGET_FRACTIONS = {"1/3": 1 / 3, "2/9": 2 / 9, "1/9": 1 / 9}
+"""LLaVA-1.5's 192 / 128 / 64 of 576, as fractions of any grid."""
+
+
+@dataclass
+class Variant:
+    """One row of the table: a method, where its region comes from, and the budget it was asked for."""
+
+    name: str
+    method: Callable[[], Method]
+    region: str | None
+    budget: str
+
+
+def variants(grid_tokens: int, layer: int = 2) -> list[Variant]:
+    """Full tokens, CROP's forms with predicted and oracle regions, and the baselines at the three budgets."""
+    rows = [
+        Variant("full", lambda: CROP(None, None), "full", "all"),
+        Variant("crop-ilp", lambda: CROP(ILP(layer)), "predicted", "region"),
+        Variant("crop-plc", lambda: CROP(None, PLC(ratio=4)), "predicted", "region"),
+        Variant("crop-ilp+plc", lambda: CROP(ILP(layer), PLC(ratio=4)), "predicted", "region"),
+        Variant("crop-ilp-k0", lambda: CROP(ILP(0)), "predicted", "region"),
+        Variant("oracle-ilp", lambda: CROP(ILP(layer)), "oracle", "region"),
+    ]
+    for label, fraction in BUDGET_FRACTIONS.items():
+        n = round(grid_tokens * fraction)
+        rows += [
+            Variant("crop-ilp-budget", lambda n=n: CROP(ILP(layer), budget=n), "predicted", label),
+            Variant("random", lambda n=n: RandomSelection(n), None, label),
+            Variant("pool", lambda n=n: UniformPooling(n), None, label),
+        ]
+    return rows
+
+
+def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion."""
+    if total == 0:
+        return 0.0, 0.0
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def grid_iou(a: Region, b: Region) -> float:
+    """IoU of two regions in their 8x8 grid forms (block counts)."""
+    ax0, ay0, ax1, ay1 = a.to_grid()
+    bx0, by0, bx1, by1 = b.to_grid()
+    ix = max(0, min(ax1, bx1) - max(ax0, bx0) + 1)
+    iy = max(0, min(ay1, by1) - max(ay0, by0) + 1)
+    inter = ix * iy
+    union = (ax1 - ax0 + 1) * (ay1 - ay0 + 1) + (bx1 - bx0 + 1) * (by1 - by0 + 1) - inter
+    return inter / union
+
+
+def object_recall(sample: Sample, predicted: Region, side: int) -> float:
+    """Share of the ground-truth region's token cells that lie inside the predicted region."""
+    truth = sample.region.token_mask(side, side)
+    return float((truth & predicted.token_mask(side, side)).sum() / truth.sum())
+
+
+def evaluate(
+    model_dir: str | Path,
+    count: int = 1000,
+    batch_size: int = 50,
+    out: Path = Path("results") / "synth_eval.json",
+    plot: Path | None = Path("results") / "synth_budget.png",
+    threads: int = 2,
+) -> dict[str, Any]:
+    """Run every variant on the first `count` test samples; write the JSON (and plot) and return the results."""
+    torch.set_num_threads(threads)
+    model, processor = load_model(model_dir)
+    samples = [make_sample("test", i) for i in range(count)]
+    layout_side = model.config.vision_config.image_size // PATCH
+    grid_tokens = layout_side * layout_side
+    localizer = GridVLMLocalizer(model, processor, instruction=LOCATE_INSTRUCTION, max_new_tokens=8)
+    start = time.perf_counter()
+    predicted = [localizer.localize(s.image, s.question) for s in tqdm(samples, desc="localize")]
+    localize_seconds = (time.perf_counter() - start) / count
+    results: dict[str, Any] = {
+        "model": str(model_dir),
+        "samples": count,
+        "grid_tokens": grid_tokens,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()},
+        "localization": _localization_report(samples, predicted, layout_side, localizer, localize_seconds),
+        "localizer_cost": _localizer_cost(model, processor, samples[:20]),
+        "variants": [],
+    }
+    for variant in variants(grid_tokens):
+        results["variants"].append(_run_variant(model, processor, variant, samples, predicted, batch_size))
+    full = results["variants"][0]
+    for row in results["variants"]:
+        row["retention"] = {k: (row["accuracy"][k] / full["accuracy"][k] if full["accuracy"][k] else None)
+                            for k in row["accuracy"]}  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    if plot is not None:
+        plot_results(results, plot)
+    return results
+
+
+def _run_variant(model, processor, variant: Variant, samples, predicted, batch_size: int) -> dict[str, Any]:
+    pruned = crop.apply(model, processor, method=variant.method())
+    correct = {kind: 0 for kind in KINDS}
+    totals = {kind: 0 for kind in KINDS}
+    kept, average = [], []
+    try:
+        for start in tqdm(range(0, len(samples), batch_size), desc=variant.name, leave=False):
+            chunk = samples[start : start + batch_size]
+            regions = {
+                "full": [Region.full()] * len(chunk),
+                "predicted": predicted[start : start + batch_size],
+                "oracle": [s.region for s in chunk],
+                None: None,
+            }[variant.region]
+            inputs = pruned.prepare([s.image for s in chunk], [s.question for s in chunk], regions)
+            length = inputs["input_ids"].shape[1]
+            sequences, stats = pruned.generate(**inputs, max_new_tokens=2, do_sample=False)
+            answers = processor.batch_decode(sequences[:, length:], skip_special_tokens=True)
+            for sample, answer, row in zip(chunk, answers, stats.rows, strict=True):
+                words = answer.split()
+                correct[sample.kind] += int(bool(words) and words[0] == sample.answer)
+                totals[sample.kind] += 1
+                kept.append(row.kept_tokens)
+                average.append(row.average_tokens)
+    finally:
+        pruned.remove()
+    right, total = sum(correct.values()), sum(totals.values())
+    accuracy = {kind: correct[kind] / totals[kind] for kind in KINDS} | {"all": right / total}
+    interval = {kind: wilson(correct[kind], totals[kind]) for kind in KINDS} | {"all": wilson(right, total)}
+    return {
+        "name": variant.name,
+        "method": pruned.method.describe(),
+        "region": variant.region,
+        "budget": variant.budget,
+        "kept_tokens": statistics.mean(kept),
+        "average_tokens_over_layers": statistics.mean(average),
+        "accuracy": accuracy,
+        "ci95": interval,
+        "counts": {kind: [correct[kind], totals[kind]] for kind in KINDS},
+    }
+
+
+def _localization_report(samples, predicted, side: int, localizer: GridVLMLocalizer, seconds: float) -> dict:
+    report: dict[str, Any] = {"fallbacks": localizer.fallback_count, "seconds_per_sample": seconds}
+    for kind in (*KINDS, "all"):
+        chosen = [(s, p) for s, p in zip(samples, predicted, strict=True) if kind in (s.kind, "all")]
+        ious = [grid_iou(s.region, p) for s, p in chosen]
+        report[kind] = {
+            "mean_iou": statistics.mean(ious),
+            "iou_at_least_0.5": sum(i >= 0.5 for i in ious) / len(ious),
+            "answer_region_recall": statistics.mean(object_recall(s, p, side) for s, p in chosen),
+            "mean_region_area": statistics.mean(p.area for _, p in chosen),
+        }
+    return report
+
+
+def _localizer_cost(model, processor, samples: list[Sample], repeats: int = 5) -> dict[str, Any]:
+    """Prefill time of the localization prompt relative to the answering prompt (same model), medians."""
+    from crop.prompting import build_prompt
+
+    def prefill(question: str, sample: Sample) -> float:
+        inputs = processor(images=sample.image, text=build_prompt(processor, question), return_tensors="pt")
+        with torch.inference_mode():
+            start = time.perf_counter()
+            model(**inputs)
+            return time.perf_counter() - start
+
+    ratios = []
+    for sample in samples:
+        for _ in range(repeats):
+            locate = prefill(LOCATE_INSTRUCTION.format(question=sample.question), sample)
+            answer = prefill(sample.question, sample)
+            ratios.append(locate / answer)
+    return {
+        "localizer": "the answering model itself, asked with the localization prompt",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "prefill_ratio_to_full_answer_prefill_median": statistics.median(ratios),
+    }
+
+
+def plot_results(results: dict[str, Any], path: Path) -> None:
+    """Accuracy versus visual tokens kept, one line per budgeted method, points for region-sized CROP."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    rows = results["variants"]
+    for name, marker in (("crop-ilp-budget", "o"), ("random", "x"), ("pool", "s")):
+        line = sorted((r["kept_tokens"], r["accuracy"]["all"]) for r in rows if r["name"] == name)
+        axis.plot(*zip(*line, strict=True), marker=marker, label=name)
+    for row in rows:
+        if row["budget"] in ("region", "all"):
+            axis.scatter(row["kept_tokens"], row["accuracy"]["all"], marker="*", s=90, zorder=3)
+            axis.annotate(row["name"], (row["kept_tokens"], row["accuracy"]["all"]), fontsize=7,
+                          xytext=(4, 4), textcoords="offset points")  # fmt: skip
+    axis.set_xlabel("visual tokens kept (after the last reduction)")
+    axis.set_ylabel("exact-match accuracy (synthetic test split)")
+    axis.set_title(f"Accuracy vs. visual tokens, {results['samples']} test questions")
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The results as a Markdown table: accuracy (95% CI) and retention per kind, tokens kept."""
+    kinds = (*KINDS, "all")
+    header = "| method | region | budget | tokens kept | avg over layers | " + " | ".join(kinds) + " | retention |"
+    lines = [header, "|" + "---|" * (6 + len(kinds))]
+    for row in results["variants"]:
+        cells = []
+        for kind in kinds:
+            low, high = row["ci95"][kind]
+            cells.append(f"{100 * row['accuracy'][kind]:.1f} ({100 * low:.0f}-{100 * high:.0f})")
+        retention = row["retention"]["all"]
+        lines.append(
+            f"| {row['name']} | {row['region'] or '-'} | {row['budget']} | {row['kept_tokens']:.1f} | "
+            f"{row['average_tokens_over_layers']:.1f} | " + " | ".join(cells) + f" | {100 * retention:.1f}% |"
+        )
+    return "\n".join(lines)
