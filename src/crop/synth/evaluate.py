@@ -96,6 +96,7 @@ def evaluate(
     out: Path = Path("results") / "synth_eval.json",
     plot: Path | None = Path("results") / "synth_budget.png",
     threads: int = 2,
+    cost_samples: int = 20,
 ) -> dict[str, Any]:
     """Run every variant on the first `count` test samples; write the JSON (and plot) and return the results."""
     torch.set_num_threads(threads)
@@ -113,7 +114,7 @@ def evaluate(
         "grid_tokens": grid_tokens,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()},
         "localization": _localization_report(samples, predicted, layout_side, localizer, localize_seconds),
-        "localizer_cost": _localizer_cost(model, processor, samples[:20]),
+        "localizer_cost": _localizer_cost(model, processor, samples[:cost_samples]),
         "variants": [],
     }
     for variant in variants(grid_tokens):
@@ -247,9 +248,9 @@ def markdown_table(results: dict[str, Any]) -> str:
         for kind in kinds:
             low, high = row["ci95"][kind]
             cells.append(f"{100 * row['accuracy'][kind]:.1f} ({100 * low:.0f}-{100 * high:.0f})")
-        retention = row["retention"]["all"]
+        retention = "-" if row["retention"]["all"] is None else f"{100 * row['retention']['all']:.1f}%"
         lines.append(
             f"| {row['name']} | {row['region'] or '-'} | {row['budget']} | {row['kept_tokens']:.1f} | "
-            f"{row['average_tokens_over_layers']:.1f} | " + " | ".join(cells) + f" | {100 * retention:.1f}% |"
+            f"{row['average_tokens_over_layers']:.1f} | " + " | ".join(cells) + f" | {retention} |"
         )
     return "\n".join(lines)
