@@ -99,3 +99,58 @@ def test_crop_budget_mode_keeps_exactly_n_region_first(model, processor):
     assert [row.kept_tokens for row in stats.rows] == [50, 50]
     with pytest.raises(ConfigError, match="budget mode"):
         CROP(ILP(2), plc=crop.PLC(), budget=10)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fastv_matches_explicit_attention_reference(model, processor, batch):
+    """FastV's choice equals top-k of softmax(QK^T) of the last row at layer K-1, computed by an eager twin."""
+    from crop.strategies.fastv import FastV
+    from crop.tiny import build_model
+
+    layer, budget = 2, 30
+    inputs = batch_inputs(processor, batch)
+    pruned = crop.apply(model, processor, method=FastV(budget=budget, layer=layer))
+    try:
+        output, stats = pruned(**inputs)
+        sequences, _ = pruned.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        for _ in range(4):
+            step, _ = pruned(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"], use_cache=False)
+            next_token = step.logits[:, -1].argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, next_token], 1), torch.cat([mask, torch.ones_like(next_token)], 1)
+    finally:
+        pruned.remove()
+    assert torch.equal(sequences, ids)
+    eager = build_model(attn_implementation="eager")
+    image_token = model.config.image_token_id
+    for row in range(batch):
+        input_ids, pixel_values = unpadded_row(inputs, row)
+        with torch.no_grad():
+            attentions = eager(input_ids=input_ids, pixel_values=pixel_values, output_attentions=True).attentions
+        visual = (input_ids[0] == image_token).nonzero().squeeze(1)
+        scores = attentions[layer - 1][0, :, -1, visual].mean(0)
+        top = set(scores.topk(budget).indices.tolist())
+        kept_cells = set((stats.rows[row].cells.view(-1) == 2).nonzero().squeeze(1).tolist())
+        assert kept_cells == top
+        keep = torch.ones(input_ids.shape[1], dtype=torch.bool)
+        keep[visual] = False
+        keep[visual[sorted(top)]] = True
+        embeds = merged_embeddings(model, input_ids, pixel_values)
+        expected = run_layers(model, embeds, torch.arange(input_ids.shape[1]), keep, layer)[0]
+        got = output.logits[row, output.logits.shape[1] - expected.shape[0] :]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        assert stats.rows[row].kept_tokens == budget
+
+
+def test_fastv_keeps_sdpa(sdpa_model, processor):
+    from crop.strategies.fastv import FastV
+
+    pruned = crop.apply(sdpa_model, processor, method=FastV(keep_ratio=0.25))
+    try:
+        _, stats = pruned(**batch_inputs(processor, 2))
+    finally:
+        pruned.remove()
+    assert sdpa_model.config.text_config._attn_implementation == "sdpa"
+    assert [row.kept_tokens for row in stats.rows] == [36, 36]
+    with pytest.raises(ConfigError, match="exactly one"):
+        FastV()

@@ -58,7 +58,10 @@ class CropModel:
         layers = self.adapter.decoder_layers()
         layout = self.adapter.visual_layout()
         self.method.validate(len(layers), layout.rows * layout.cols)
-        self._hooks = ILPHooks(layers, self.method.layer) if self.method.layer is not None else None
+        self._hooks = None
+        if self.method.layer is not None:
+            observe = self.method.observe_layer if self.method.dynamic else None
+            self._hooks = ILPHooks(layers, self.method.layer, observe=observe)
 
     def remove(self) -> None:
         """Take the hooks off the model; it behaves exactly as before `apply`."""
@@ -176,19 +179,47 @@ class CropModel:
         ]
         if features is not None:
             inputs = self._splice(inputs, features, selections, layout.leading)
-        always = torch.ones(layout.leading, dtype=torch.bool)
-        keep_visual = [torch.cat([always, selection.keep]) for selection in selections]
-        stats = self._stats(regions, viewports, selections, keep_visual, layout.num_tokens)
-        if localize_seconds is not None:
-            stats.seconds["localize"] = localize_seconds
-        model_input_ids = inputs["input_ids"]
+        model_input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         if "inputs_embeds" in inputs and not generating:
             del inputs["input_ids"]  # a forward takes ids or embeddings; generate takes both (ids for the output)
         if self._hooks is None:
-            return call(**inputs), stats, model_input_ids.shape[1]
-        plan = self._plan(model_input_ids, inputs["attention_mask"], keep_visual)
-        with self._hooks.active(plan):
-            return call(**inputs), stats, model_input_ids.shape[1]
+            output = call(**inputs)
+        else:
+            if self.method.dynamic:
+                plan = self._plan_builder(model_input_ids, attention_mask, selections, layout.leading, shape)
+            else:
+                plan = self._plan(model_input_ids, attention_mask, _keep_visual(selections, layout.leading))
+            with self._hooks.active(plan):
+                output = call(**inputs)
+        keep_visual = _keep_visual(selections, layout.leading)
+        stats = self._stats(regions, viewports, selections, keep_visual, layout.num_tokens)
+        if localize_seconds is not None:
+            stats.seconds["localize"] = localize_seconds
+        return output, stats, model_input_ids.shape[1]
+
+    def _plan_builder(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        selections: list[Selection],
+        leading: int,
+        shape: tuple[int, int],
+    ) -> Callable[[torch.Tensor, dict[str, Any]], KeepPlan]:
+        """For dynamic methods: rank each row's grid tokens by the observed layer's last-token attention at
+        prefill, record the choice in `selections` and return the plan."""
+        layer = self.adapter.decoder_layers()[self.method.observe_layer]
+
+        def build(hidden: torch.Tensor, kwargs: dict[str, Any]) -> KeepPlan:
+            attention = self.adapter.last_token_attention(layer, hidden, kwargs)
+            repeat = attention.shape[0] // input_ids.shape[0]
+            visual = (input_ids == self.adapter.image_token_id) & attention_mask.bool()
+            for row in range(input_ids.shape[0]):
+                grid = visual[row].nonzero().squeeze(1)[leading:]
+                keep, cells = self.method.rank(attention[row * repeat][:, grid], shape)
+                selections[row] = Selection(None, keep, cells)
+            return self._plan(input_ids, attention_mask, _keep_visual(selections, leading))
+
+        return build
 
     def _stats(
         self,
@@ -287,6 +318,12 @@ def remove(crop_model: CropModel) -> Any:
     """Undo `apply`: take the hooks off and return the original model."""
     crop_model.remove()
     return crop_model.model
+
+
+def _keep_visual(selections: list[Selection], leading: int) -> list[torch.Tensor]:
+    """Per row, whether each visual token of the LLM input survives the in-LLM layer (leading tokens always)."""
+    always = torch.ones(leading, dtype=torch.bool)
+    return [torch.cat([always, selection.keep]) for selection in selections]
 
 
 def _region_list(regions: Any, batch: int) -> list[Region]:

@@ -78,3 +78,8 @@ class ModelAdapter(ABC):
     @abstractmethod
     def embed(self, input_ids: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Input embeddings with `features[b]` written over row b's image placeholders."""
+
+    @abstractmethod
+    def last_token_attention(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Attention probabilities `(batch, heads, length)` of the last position's query in decoder `layer`,
+        given the layer's inputs, computed from its queries and keys for that one row (no eager attention)."""

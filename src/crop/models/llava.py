@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from crop.errors import UnsupportedModelError
 from crop.models.base import ModelAdapter, VisualLayout
@@ -69,3 +70,20 @@ class LlavaAdapter(ModelAdapter):
         placeholders = (input_ids == self.image_token_id).unsqueeze(-1)
         flat = torch.cat(list(features)).to(embeds.dtype)
         return embeds.masked_scatter(placeholders, flat)
+
+    def last_token_attention(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        attention = layer.self_attn
+        batch, length, _ = hidden.shape
+        normed = layer.input_layernorm(hidden)
+        query = attention.q_proj(normed[:, -1:]).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
+        key = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+        cos, sin = kwargs["position_embeddings"]
+        query, _ = apply_rotary_pos_emb(query, query, cos[:, -1:], sin[:, -1:])
+        _, key = apply_rotary_pos_emb(key, key, cos, sin)
+        key = repeat_kv(key, attention.num_key_value_groups)
+        scores = (query @ key.transpose(-1, -2)).float() * attention.scaling
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            row = mask[:, :, -1:, :length]
+            scores = scores + (torch.where(row, 0.0, float("-inf")) if row.dtype == torch.bool else row.float())
+        return scores.softmax(-1)[:, :, 0]

@@ -38,6 +38,13 @@ class Method(ABC):
     needs_region: bool = False
     layer: int | None = None
     position: str = "original"
+    dynamic: bool = False
+    """True for methods that choose during prefill (`rank`) from the attention of layer `observe_layer`."""
+    observe_layer: int | None = None
+
+    def rank(self, attention: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dynamic methods: keep flags and cell states from one row's `(heads, grid tokens)` attention."""
+        raise NotImplementedError(f"{self.name} is not a dynamic method")
 
     @property
     def acts_before_llm(self) -> bool:

@@ -10,7 +10,8 @@ No attention weights are needed, so SDPA works unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,33 +125,57 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+PlanBuilder = Callable[[torch.Tensor, dict[str, Any]], KeepPlan]
+"""Builds the plan during prefill from the input `(hidden_states, kwargs)` of the observed layer (K-1)."""
+
+
 class ILPHooks:
     """Forward pre-hooks on decoder layers `K..L-1` of one model instance; `remove()` takes them off.
 
     The hooks act only while a plan is active (`with hooks.active(plan): ...`); otherwise the model runs as
-    if they were not there. `cache_of` reads the cache argument out of a layer call.
+    if they were not there. The plan is fixed before the call, or built during prefill by a `PlanBuilder` from
+    the inputs of layer `observe` (methods that rank tokens by attention, like FastV, observe layer K-1).
     """
 
-    def __init__(self, layers: Sequence[nn.Module], first_pruned: int) -> None:
+    def __init__(self, layers: Sequence[nn.Module], first_pruned: int, observe: int | None = None) -> None:
         self.first_pruned = first_pruned
         self.plan: KeepPlan | None = None
+        self._active = False
+        self._builder: PlanBuilder | None = None
+        self._observed: tuple[torch.Tensor, dict[str, Any]] | None = None
         self._handles = [
             layer.register_forward_pre_hook(self._make_hook(index), with_kwargs=True)
             for index, layer in enumerate(layers)
             if index >= first_pruned
         ]
+        if observe is not None:
+            self._observe_index = observe
+            self._handles.append(layers[observe].register_forward_pre_hook(self._observe, with_kwargs=True))
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
-    def active(self, plan: KeepPlan) -> _ActivePlan:
-        return _ActivePlan(self, plan)
+    @contextmanager
+    def active(self, plan: KeepPlan | PlanBuilder) -> Iterator[ILPHooks]:
+        """Prune during the block with a fixed plan or one built at prefill; the hooks are inert after it."""
+        if self._active:
+            raise RuntimeError("a pruned call is already running on this model (calls are not re-entrant)")
+        self._active = True
+        self.plan, self._builder = (plan, None) if isinstance(plan, KeepPlan) else (None, plan)
+        try:
+            yield self
+        finally:
+            self._active, self._builder, self._observed = False, None, None
+
+    def _observe(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._active and self._builder is not None and _past_length(kwargs, self._observe_index) == 0:
+            self._observed = (args[0] if args else kwargs["hidden_states"], dict(kwargs))
 
     def _make_hook(self, index: int) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if self.plan is None:
+            if not self._active:
                 return None
             return self._prune_call(index, args, kwargs)
 
@@ -158,9 +183,12 @@ class ILPHooks:
 
     def _prune_call(self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         hidden = args[0] if args else kwargs["hidden_states"]
+        past = _past_length(kwargs, index)
+        if past == 0 and index == self.first_pruned and self._builder is not None:
+            if self._observed is None:
+                raise RuntimeError("the plan builder's observed layer did not run before the pruned layer")
+            self.plan = self._builder(*self._observed)
         plan = self.plan.expand(hidden.shape[0])
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = cache.get_seq_length(index) if cache is not None else 0
         incoming_mask = kwargs.get("attention_mask")
         if past == 0:
             if index == self.first_pruned:
@@ -184,15 +212,7 @@ class ILPHooks:
         return args, kwargs
 
 
-class _ActivePlan:
-    def __init__(self, hooks: ILPHooks, plan: KeepPlan) -> None:
-        self.hooks, self.plan = hooks, plan
-
-    def __enter__(self) -> KeepPlan:
-        if self.hooks.plan is not None:
-            raise RuntimeError("a pruned call is already running on this model (calls are not re-entrant)")
-        self.hooks.plan = self.plan
-        return self.plan
-
-    def __exit__(self, *exc: object) -> None:
-        self.hooks.plan = None
+def _past_length(kwargs: dict[str, Any], index: int) -> int:
+    """Tokens already in the cache of layer `index` (0 at prefill)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return 0 if cache is None else cache.get_seq_length(index)

@@ -1,0 +1,61 @@
+"""FastV (Chen et al., ECCV 2024, arXiv 2403.06764): drop the visual tokens the last token attends to least.
+
+After layer K-1, the attention that the last prompt token pays to each visual token in layer K-1 (averaged
+over heads) ranks them; from layer K on only the top ones stay. The attention row is computed from layer K-1's
+queries and keys for that one row, so the model keeps its SDPA (or any) attention backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from crop.errors import ConfigError
+from crop.stats import DROPPED, FINE
+from crop.strategies.base import Method, Selection, check_budget
+
+
+class FastV(Method):
+    """Keep `budget` visual tokens (or `keep_ratio` of them) from layer K (default 2) on, ranked at layer K-1."""
+
+    name = "fastv"
+    dynamic = True
+
+    def __init__(self, budget: int | None = None, keep_ratio: float | None = None, layer: int = 2) -> None:
+        if (budget is None) == (keep_ratio is None):
+            raise ConfigError("FastV needs exactly one of budget (tokens kept) or keep_ratio (share kept)")
+        if keep_ratio is not None and not 0 < keep_ratio <= 1:
+            raise ConfigError(f"FastV keep_ratio must be in (0, 1], got {keep_ratio!r}")
+        self.budget = budget
+        self.keep_ratio = keep_ratio
+        self.layer = layer
+
+    @property
+    def observe_layer(self) -> int:
+        return self.layer - 1
+
+    def validate(self, num_layers: int, grid_tokens: int) -> None:
+        super().validate(num_layers, grid_tokens)
+        check_budget(self.name, self.kept(grid_tokens), grid_tokens)
+
+    def kept(self, grid_tokens: int) -> int:
+        return self.budget if self.budget is not None else max(1, round(grid_tokens * self.keep_ratio))
+
+    def select(
+        self, features: torch.Tensor | None, shape: tuple[int, int], inside: torch.Tensor | None, row: int
+    ) -> Selection:
+        """Nothing is known before the forward: every cell is provisionally kept."""
+        count = shape[0] * shape[1]
+        return Selection(None, torch.ones(count, dtype=torch.bool), torch.full(shape, FINE, dtype=torch.long))
+
+    def rank(self, attention: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """From one row's `(heads, grid tokens)` attention, the keep flags and the cell states."""
+        scores = attention.float().mean(0)
+        top = scores.topk(self.kept(scores.numel())).indices
+        keep = torch.zeros(scores.numel(), dtype=torch.bool)
+        keep[top.cpu()] = True
+        cells = torch.where(keep, FINE, DROPPED).view(shape)
+        return keep, cells
+
+    def describe(self) -> str:
+        amount = self.budget if self.budget is not None else f"{self.keep_ratio:.0%}"
+        return f"FastV(K={self.layer}, keep {amount})"
