@@ -168,3 +168,33 @@ def test_ask_with_a_localizer_checkpoint(checkpoint, tmp_path, capsys):
     assert "region: Region(" in out
     if "fallback" in out:
         assert "144 kept after layer K" in out
+
+
+def test_methods_are_listed_and_selectable(checkpoint, tmp_path, capsys):
+    assert main(["methods"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("crop", "fastv", "random", "pool"):
+        assert name in listing
+    image_path = tmp_path / "scene.png"
+    make_image().save(image_path)
+    base = [
+        "ask",
+        "--model",
+        str(checkpoint),
+        "--image",
+        str(image_path),
+        "--question",
+        "what ?",
+        "--max-new-tokens",
+        "2",
+    ]
+    assert main([*base, "--method", "fastv", "--budget", "20"]) == 0
+    assert "20 kept after layer K" in capsys.readouterr().out
+    assert main([*base, "--method", "pool", "--budget", "16"]) == 0
+    assert "16 into the LLM" in capsys.readouterr().out
+    assert main([*base, "--method", "random"]) == 2
+    assert "needs a budget" in capsys.readouterr().err
+    assert main([*base, "--method", "crop"]) == 2
+    assert "no region" in capsys.readouterr().err
+    assert main([*base, "--method", "magic", "--budget", "3"]) == 2
+    assert "unknown method 'magic'" in capsys.readouterr().err

@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--model", required=True, help="local directory or hub id of a LLaVA-1.5 checkpoint")
     ask.add_argument("--image", required=True, help="image file")
     ask.add_argument("--question", required=True)
-    where = ask.add_mutually_exclusive_group(required=True)
+    where = ask.add_mutually_exclusive_group()
     where.add_argument(
         "--region",
         nargs=4,
@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_pruning_args(demo)
     demo.set_defaults(run=_run_demo)
 
+    methods = commands.add_parser("methods", help="list the pruning methods")
+    methods.set_defaults(run=_run_methods)
+
     synth = commands.add_parser("synth", help="the synthetic grounded-VQA task").add_subparsers(
         required=True, metavar="SYNTH_COMMAND"
     )
@@ -80,7 +83,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_pruning_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ilp-layer", type=int, default=2, help="ILP layer K (default 2; 0 = before the LLM)")
+    parser.add_argument("--method", default="crop", help="pruning method (see `crop methods`; default crop)")
+    parser.add_argument("--budget", type=int, help="visual tokens to keep (needed by all methods but crop)")
+    parser.add_argument(
+        "--ilp-layer", type=int, default=2, help="layer K of ILP / FastV (default 2; 0 = before the LLM)"
+    )
     parser.add_argument("--no-ilp", action="store_true", help="disable ILP")
     parser.add_argument("--plc-ratio", type=int, default=0, help="PLC pooling ratio outside the region; 0 disables")
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -90,11 +97,13 @@ def _add_pruning_args(parser: argparse.ArgumentParser) -> None:
 def _crop_model(model, processor, args: argparse.Namespace | None, localizer=None):
     """CROP as the arguments ask, or with nothing pruned when `args` is None (the full-token answer)."""
     import crop
+    from crop.strategies.registry import build_method
 
     if args is None:
         return crop.apply(model, processor, ilp=None, plc=None)
-    ilp = None if args.no_ilp else args.ilp_layer
-    return crop.apply(model, processor, localizer=localizer, ilp=ilp, plc=args.plc_ratio or None)
+    layer = -1 if args.no_ilp else args.ilp_layer
+    method = build_method(args.method, budget=args.budget, layer=layer, plc_ratio=args.plc_ratio or None)
+    return crop.apply(model, processor, localizer=localizer if method.needs_region else None, method=method)
 
 
 def _report(label: str, answer) -> None:
@@ -105,6 +114,15 @@ def _report(label: str, answer) -> None:
         f"  visual tokens: {row.image_tokens} in the image, {row.llm_input_tokens} into the LLM, {row.kept_tokens} "
         f"kept after layer K (average over layers {row.average_tokens:.1f}); {answer.stats.method}; {seconds}"
     )
+
+
+def _run_methods(args: argparse.Namespace) -> int:
+    from crop.strategies.registry import METHODS
+
+    for info in METHODS.values():
+        budget = "needs --budget" if info.needs_budget else "region-sized (or --budget)"
+        print(f"{info.name:8s} {info.summary}; acts {info.acts}; {budget}")
+    return 0
 
 
 def _run_ask(args: argparse.Namespace) -> int:
@@ -120,7 +138,8 @@ def _run_ask(args: argparse.Namespace) -> int:
     region = Region.from_grid(args.region) if args.region else None
     pruned = _crop_model(model, processor, args, localizer)
     answer = pruned.ask(image, args.question, region=region, max_new_tokens=args.max_new_tokens)
-    print(f"region: {answer.stats.rows[0].region}")
+    if answer.stats.rows[0].region is not None:
+        print(f"region: {answer.stats.rows[0].region}")
     _report("pruned answer", answer)
     if args.compare:
         pruned.remove()

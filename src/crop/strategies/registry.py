@@ -1,0 +1,61 @@
+"""Methods by name, so that a comparison is a loop over names: `crop methods` lists them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from crop.errors import ConfigError
+from crop.strategies.base import Method
+from crop.strategies.crop_method import CROP
+from crop.strategies.fastv import FastV
+from crop.strategies.ilp import ILP
+from crop.strategies.plc import PLC
+from crop.strategies.pooling import UniformPooling
+from crop.strategies.random_select import RandomSelection
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    summary: str
+    acts: str
+    needs_budget: bool
+    build: Callable[..., Method]
+
+
+def _crop(budget: int | None, layer: int, plc_ratio: int | None, seed: int) -> Method:
+    if budget is not None:
+        return CROP(ILP(layer), budget=budget)
+    return CROP(None if layer < 0 else ILP(layer), PLC(ratio=plc_ratio) if plc_ratio else None)
+
+
+METHODS: dict[str, MethodInfo] = {
+    info.name: info
+    for info in (
+        MethodInfo("crop", "contextual region: ILP drops outside tokens at layer K, PLC pools them before the LLM",
+                   "inside the LLM at K and/or before it", False, _crop),
+        MethodInfo("fastv", "top-N by the last token's attention at layer K-1, dropped from layer K",
+                   "inside the LLM at K", True,
+                   lambda budget, layer, plc_ratio, seed: FastV(budget=budget, layer=layer)),
+        MethodInfo("random", "N tokens drawn at random (seeded)", "before the LLM", True,
+                   lambda budget, layer, plc_ratio, seed: RandomSelection(budget, seed=seed)),
+        MethodInfo("pool", "the grid average-pooled down to N tokens (image downsampling)", "before the LLM", True,
+                   lambda budget, layer, plc_ratio, seed: UniformPooling(budget)),
+    )
+}  # fmt: skip
+
+
+def build_method(
+    name: str, budget: int | None = None, layer: int = 2, plc_ratio: int | None = None, seed: int = 0
+) -> Method:
+    """The method `name` with its settings; `budget` is the number of visual tokens kept (all but `crop` need it).
+
+    For `crop`, a negative `layer` disables ILP.
+    """
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    info = METHODS[name]
+    if info.needs_budget and budget is None:
+        raise ConfigError(f"method {name!r} needs a budget: the number of visual tokens to keep")
+    return info.build(budget=budget, layer=layer, plc_ratio=plc_ratio, seed=seed)
