@@ -122,17 +122,9 @@ def test_ask_unloadable_model(tmp_path, capsys):
 
 
 def test_demo_runs_offline_as_a_command(tmp_path):
+    """`crop demo` with the shipped synthetic-task model: a generated image, its localized region, the answers."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "crop.cli",
-            "demo",
-            "--model-dir",
-            str(tmp_path / "model"),
-            "--overlay",
-            str(tmp_path / "demo.png"),
-        ],
+        [sys.executable, "-m", "crop.cli", "demo", "--overlay", str(tmp_path / "demo.png")],
         capture_output=True,
         text=True,
         timeout=300,
@@ -140,7 +132,8 @@ def test_demo_runs_offline_as_a_command(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "pruned answer:" in result.stdout and "full answer:" in result.stdout
-    assert "576 in the image" in result.stdout
+    assert "localized region: Region(grid=" in result.stdout
+    assert "256 in the image" in result.stdout
     assert (tmp_path / "demo.png").is_file()
 
 

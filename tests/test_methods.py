@@ -112,15 +112,9 @@ def test_fastv_matches_explicit_attention_reference(model, processor, batch):
     pruned = crop.apply(model, processor, method=FastV(budget=budget, layer=layer))
     try:
         output, stats = pruned(**inputs)
-        sequences, _ = pruned.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        for _ in range(4):
-            step, _ = pruned(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"], use_cache=False)
-            next_token = step.logits[:, -1].argmax(-1, keepdim=True)
-            ids, mask = torch.cat([ids, next_token], 1), torch.cat([mask, torch.ones_like(next_token)], 1)
+        sequences, _ = pruned.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     finally:
         pruned.remove()
-    assert torch.equal(sequences, ids)
     eager = build_model(attn_implementation="eager")
     image_token = model.config.image_token_id
     for row in range(batch):
@@ -140,6 +134,7 @@ def test_fastv_matches_explicit_attention_reference(model, processor, batch):
         got = output.logits[row, output.logits.shape[1] - expected.shape[0] :]
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
         assert stats.rows[row].kept_tokens == budget
+        assert_generation_matches(eager, sequences[row], inputs, row, (layer,), (budget,))
 
 
 def test_fastv_keeps_sdpa(sdpa_model, processor):
@@ -154,3 +149,92 @@ def test_fastv_keeps_sdpa(sdpa_model, processor):
     assert [row.kept_tokens for row in stats.rows] == [36, 36]
     with pytest.raises(ConfigError, match="exactly one"):
         FastV()
+
+
+def staged_reference(eager, input_ids, pixel_values, layers, counts, query=-1):
+    """Attention-ranked staged dropping (FastV: one stage; PyramidDrop: several) by hand on one unpadded row with
+    an eager twin: full attention matrices from the layers themselves, top-k of row `query` (the last prompt
+    token) before each stage, later layers run on the kept subset. Returns logits and kept grid cells."""
+    from reference import causal_mask
+
+    text_model = eager.model.language_model
+    image_token = eager.config.image_token_id
+    hidden = merged_embeddings(eager, input_ids, pixel_values)
+    positions = torch.arange(input_ids.shape[1])[None]
+    cos, sin = text_model.rotary_emb(hidden, position_ids=positions)
+    kept = torch.arange(input_ids.shape[1])
+    query = query % input_ids.shape[1]
+    stage, attention = 0, None
+    with torch.no_grad():
+        for index, layer in enumerate(text_model.layers):
+            if stage < len(layers) and index == layers[stage]:
+                visual = (input_ids[0, kept] == image_token).nonzero().squeeze(1)
+                scores = attention[0, :, int((kept == query).nonzero()), visual].mean(0)
+                chosen = visual[scores.topk(counts[stage]).indices]
+                keep = torch.ones(kept.numel(), dtype=torch.bool)
+                keep[visual] = False
+                keep[chosen] = True
+                hidden, kept = hidden[:, keep], kept[keep]
+                stage += 1
+            mask = causal_mask(kept.numel(), hidden.dtype)
+            c, s = cos[:, kept], sin[:, kept]
+            _, attention = layer.self_attn(
+                layer.input_layernorm(hidden), position_embeddings=(c, s), attention_mask=mask
+            )
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=(c, s), position_ids=positions[:, kept])
+        logits = eager.lm_head(text_model.norm(hidden))[0]
+    cells = (input_ids[0] == image_token).nonzero().squeeze(1)
+    kept_cells = {int((cells == k).nonzero()) for k in kept if input_ids[0, k] == image_token}
+    return logits, kept_cells
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pyramiddrop_matches_staged_reference(model, processor, batch):
+    from crop.strategies.pyramid_drop import PyramidDrop
+    from crop.tiny import build_model
+
+    inputs = batch_inputs(processor, batch)
+    method = PyramidDrop(layers=(1, 2, 3), ratio=0.5)
+    pruned = crop.apply(model, processor, method=method)
+    try:
+        output, stats = pruned(**inputs)
+        sequences, _ = pruned.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    finally:
+        pruned.remove()
+    eager = build_model(attn_implementation="eager")
+    stages, counts = (1, 2, 3), (72, 36, 18)
+    for row in range(batch):
+        input_ids, pixel_values = unpadded_row(inputs, row)
+        expected, kept_cells = staged_reference(eager, input_ids, pixel_values, stages, counts)
+        got = output.logits[row, output.logits.shape[1] - expected.shape[0] :]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        assert stats.rows[row].per_layer == [144, 72, 36, 18]
+        assert set((stats.rows[row].cells.view(-1) == 2).nonzero().squeeze(1).tolist()) == kept_cells
+        assert_generation_matches(eager, sequences[row], inputs, row, stages, counts)
+
+
+def assert_generation_matches(eager, sequence, inputs, row, stages, counts, steps=3):
+    """Cached generation equals greedy decoding that recomputes everything by hand with the selection made
+    from the last prompt token (which is what a KV cache freezes at prefill)."""
+    input_ids, pixel_values = unpadded_row(inputs, row)
+    prompt_length = input_ids.shape[1]
+    ids = input_ids
+    for _ in range(steps):
+        logits, _ = staged_reference(eager, ids, pixel_values, stages, counts, query=prompt_length - 1)
+        ids = torch.cat([ids, logits[-1].argmax().view(1, 1)], dim=1)
+    assert torch.equal(sequence[-steps:], ids[0, -steps:])
+
+
+def test_pyramiddrop_budget_and_defaults(sdpa_model, processor):
+    from crop.strategies.pyramid_drop import PyramidDrop
+
+    pruned = crop.apply(sdpa_model, processor, method=PyramidDrop(budget=16))
+    try:
+        _, stats = pruned(**batch_inputs(processor, 2))
+    finally:
+        pruned.remove()
+    assert pruned.method.layers == (1, 2, 3)  # quarters of a 4-layer LLM
+    assert [row.kept_tokens for row in stats.rows] == [16, 16]
+    assert stats.rows[0].per_layer[0] == 144 and stats.rows[0].per_layer[1] > stats.rows[0].per_layer[2] > 16
+    with pytest.raises(ConfigError, match="increasing layer"):
+        crop.apply(sdpa_model, processor, method=PyramidDrop(layers=(2, 1)))

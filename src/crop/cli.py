@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from crop.errors import CropError
+from crop.synth.assets import SHIPPED_MODEL
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,13 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     ask.set_defaults(run=_run_ask)
 
     demo = commands.add_parser("demo", help="run the whole pipeline offline on a built-in tiny model")
-    demo.add_argument(
-        "--model-dir",
-        type=Path,
-        default=Path.home() / ".cache" / "crop" / "tiny-llava",
-        help="where the built-in model is saved on first use",
-    )
-    demo.add_argument("--seed", type=int, default=0, help="seed of the generated scene")
+    demo.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="default: the shipped synthetic-task model")
+    demo.add_argument("--seed", type=int, default=0, help="index of the test-split question to ask")
     demo.add_argument("--overlay", type=Path, default=Path("results") / "demo_overlay.png")
     _add_pruning_args(demo)
     demo.set_defaults(run=_run_demo)
@@ -68,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     train = synth.add_parser("train", help="train the synthetic-task VLM from scratch (resumes from --out)")
     train.add_argument("--out", type=Path, default=Path("runs") / "synth", help="run directory (checkpoints, log)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--vision-steps", type=int, default=2500, help="stage 1: vision tower on per-patch heads")
-    train.add_argument("--steps", type=int, default=6000, help="stage 2: questions and localization")
+    train.add_argument("--vision-steps", type=int, default=800, help="stage 1: vision tower on per-patch heads")
+    train.add_argument("--steps", type=int, default=5000, help="stage 2: questions and localization")
     train.add_argument("--threads", type=int, default=2)
     train.set_defaults(run=_run_synth_train)
     evaluate = synth.add_parser("eval", help="accuracy versus visual-token budget on the synthetic test split")
@@ -157,27 +153,25 @@ def _run_ask(args: argparse.Namespace) -> int:
 
 def _run_demo(args: argparse.Namespace) -> int:
     from crop.loading import load_model
+    from crop.localize import GridVLMLocalizer
     from crop.region import Region
-    from crop.scene import make_scene
-    from crop.tiny import save_tiny
+    from crop.synth.scene import make_sample
     from crop.visualize import draw_overlay
 
-    if not (args.model_dir / "config.json").is_file():
-        print(f"building the built-in tiny LLaVA (random weights) in {args.model_dir}")
-        save_tiny(args.model_dir, image_size=336, patch_size=14, text_layers=4, text_hidden=128)
-    model, processor = load_model(args.model_dir, attn_implementation=args.attn)
-    scene = make_scene(args.seed)
-    print(f"question: {scene.question}  (true answer: {scene.answer})")
-    print(f"region (the scene's answer box on the 8x8 grid): {list(scene.region.to_grid())}")
-    print("note: the built-in model has random weights, so its answers are noise; the token counts and the")
-    print("      pipeline are real. Use `crop ask --model PATH` with a LLaVA-1.5 checkpoint for real answers.")
+    model, processor = load_model(args.model, attn_implementation=args.attn)
+    localizer = GridVLMLocalizer.from_model(model, processor, args.model)
+    sample = make_sample("test", args.seed)
+    print(f"model: {args.model}")
+    print(f"question: {sample.question}  (true answer: {sample.answer}, answer region {list(sample.region.to_grid())})")
     full = _crop_model(model, processor, None)
-    _report("full answer", full.ask(scene.image, scene.question, Region.full(), args.max_new_tokens))
-    pruned = _crop_model(model, processor, args)
-    answer = pruned.ask(scene.image, scene.question, scene.region, args.max_new_tokens)
+    _report("full answer", full.ask(sample.image, sample.question, Region.full(), args.max_new_tokens))
+    pruned = _crop_model(model, processor, args, localizer)
+    answer = pruned.ask(sample.image, sample.question, max_new_tokens=args.max_new_tokens)
+    if answer.stats.rows[0].region is not None:
+        print(f"localized region: {answer.stats.rows[0].region}")
     _report("pruned answer", answer)
     args.overlay.parent.mkdir(parents=True, exist_ok=True)
-    draw_overlay(scene.image, answer.stats.rows[0]).save(args.overlay)
+    draw_overlay(sample.image, answer.stats.rows[0]).save(args.overlay)
     print(f"overlay: {args.overlay}")
     return 0
 

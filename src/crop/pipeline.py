@@ -17,10 +17,10 @@ from crop.localize import FixedLocalizer, Localizer
 from crop.models import adapter_for
 from crop.prompting import build_prompt
 from crop.region import Region, Viewport
-from crop.stats import PruneStats, RowStats
+from crop.stats import DROPPED, FINE, PruneStats, RowStats
 from crop.strategies.base import Method, Selection
 from crop.strategies.crop_method import CROP
-from crop.strategies.ilp import ILP, ILPHooks, KeepPlan
+from crop.strategies.ilp import ILP, ILPHooks, KeepPlan, Layout, PlanBuilder
 from crop.strategies.plc import PLC, splice_visual_tokens
 
 RegionLike = Region | Sequence[int]
@@ -59,9 +59,8 @@ class CropModel:
         layout = self.adapter.visual_layout()
         self.method.validate(len(layers), layout.rows * layout.cols)
         self._hooks = None
-        if self.method.layer is not None:
-            observe = self.method.observe_layer if self.method.dynamic else None
-            self._hooks = ILPHooks(layers, self.method.layer, observe=observe)
+        if self.method.stage_layers:
+            self._hooks = ILPHooks(layers, self.method.stage_layers, observe=self.method.dynamic)
 
     def remove(self) -> None:
         """Take the hooks off the model; it behaves exactly as before `apply`."""
@@ -182,42 +181,50 @@ class CropModel:
         model_input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         if "inputs_embeds" in inputs and not generating:
             del inputs["input_ids"]  # a forward takes ids or embeddings; generate takes both (ids for the output)
+        layouts: list[Layout] = []
+        cell_of = _cell_index(model_input_ids, attention_mask, self.adapter.image_token_id, layout.leading)
         if self._hooks is None:
             output = call(**inputs)
         else:
             if self.method.dynamic:
-                plan = self._plan_builder(model_input_ids, attention_mask, selections, layout.leading, shape)
+                plans = [
+                    self._plan_builder(stage, model_input_ids, attention_mask, cell_of, shape)
+                    for stage in range(len(self.method.stage_layers))
+                ]
             else:
-                plan = self._plan(model_input_ids, attention_mask, _keep_visual(selections, layout.leading))
-            with self._hooks.active(plan):
+                plans = [self._plan(model_input_ids, attention_mask, _keep_visual(selections, layout.leading))]
+            with self._hooks.active(plans) as hooks:
                 output = call(**inputs)
-        keep_visual = _keep_visual(selections, layout.leading)
-        stats = self._stats(regions, viewports, selections, keep_visual, layout.num_tokens)
+                layouts = hooks.layouts
+        is_visual = (model_input_ids == self.adapter.image_token_id) & attention_mask.bool()
+        stats = self._stats(regions, viewports, selections, is_visual, cell_of, layouts, layout.num_tokens, shape)
         if localize_seconds is not None:
             stats.seconds["localize"] = localize_seconds
         return output, stats, model_input_ids.shape[1]
 
     def _plan_builder(
         self,
+        stage: int,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        selections: list[Selection],
-        leading: int,
+        cell_of: torch.Tensor,
         shape: tuple[int, int],
-    ) -> Callable[[torch.Tensor, dict[str, Any]], KeepPlan]:
-        """For dynamic methods: rank each row's grid tokens by the observed layer's last-token attention at
-        prefill, record the choice in `selections` and return the plan."""
-        layer = self.adapter.decoder_layers()[self.method.observe_layer]
+    ) -> PlanBuilder:
+        """For dynamic methods: at prefill, rank each row's remaining grid tokens by the last token's attention
+        in the layer before the stage, and keep what the method chooses (text and other tokens stay)."""
+        layer = self.adapter.decoder_layers()[self.method.stage_layers[stage] - 1]
 
-        def build(hidden: torch.Tensor, kwargs: dict[str, Any]) -> KeepPlan:
+        def build(hidden: torch.Tensor, kwargs: dict[str, Any], current: Layout) -> KeepPlan:
             attention = self.adapter.last_token_attention(layer, hidden, kwargs)
             repeat = attention.shape[0] // input_ids.shape[0]
-            visual = (input_ids == self.adapter.image_token_id) & attention_mask.bool()
-            for row in range(input_ids.shape[0]):
-                grid = visual[row].nonzero().squeeze(1)[leading:]
-                keep, cells = self.method.rank(attention[row * repeat][:, grid], shape)
-                selections[row] = Selection(None, keep, cells)
-            return self._plan(input_ids, attention_mask, _keep_visual(selections, leading))
+            real = attention_mask.bool().repeat_interleave(repeat, 0).gather(1, current.index)
+            keep = current.valid & real
+            cells = cell_of.repeat_interleave(repeat, 0).gather(1, current.index).masked_fill(~keep, -1)
+            for row in range(0, attention.shape[0], repeat):
+                grid = (cells[row] >= 0).nonzero().squeeze(1)
+                chosen = self.method.rank(stage, attention[row][:, grid], cells[row, grid], shape)
+                keep[row : row + repeat, grid[~chosen.to(grid.device)]] = False
+            return KeepPlan.from_keep(keep)
 
         return build
 
@@ -226,16 +233,31 @@ class CropModel:
         regions: list[Region | None],
         viewports: list[Viewport],
         selections: list[Selection],
-        keep_visual: list[torch.Tensor],
+        is_visual: torch.Tensor,
+        cell_of: torch.Tensor,
+        layouts: list[Layout],
         image_tokens: int,
+        shape: tuple[int, int],
     ) -> PruneStats:
+        """Per row: visual tokens into the LLM and at every layer (from the stages' layouts), final cell states."""
         num_layers = len(self.adapter.decoder_layers())
-        first_pruned = self.method.layer if self.method.layer is not None else num_layers
+        starts = list(self.method.stage_layers)
+        repeat = layouts[0].index.shape[0] // is_visual.shape[0] if layouts else 1
         rows = []
-        for region, viewport, selection, keep in zip(regions, viewports, selections, keep_visual, strict=True):
-            n_in, n_kept = int(keep.numel()), int(keep.sum())
-            per_layer = [n_in] * first_pruned + [n_kept] * (num_layers - first_pruned)
-            rows.append(RowStats(region, image_tokens, n_in, per_layer, selection.cells, viewport))
+        for b, (region, viewport, selection) in enumerate(zip(regions, viewports, selections, strict=True)):
+            counts = [int(is_visual[b].sum())]
+            for layout in layouts[1:]:
+                row = b * repeat
+                counts.append(int((is_visual[b][layout.index[row]] & layout.valid[row]).sum()))
+            per_layer = [counts[sum(start <= i for start in starts[: len(counts) - 1])] for i in range(num_layers)]
+            cells = selection.cells
+            if self.method.dynamic and layouts:
+                final = layouts[-1]
+                kept = cell_of[b][final.index[b * repeat][final.valid[b * repeat]]]
+                cells = torch.full((shape[0] * shape[1],), DROPPED, dtype=torch.long)
+                cells[kept[kept >= 0]] = FINE
+                cells = cells.view(shape)
+            rows.append(RowStats(region, image_tokens, counts[0], per_layer, cells, viewport))
         return PruneStats(rows=rows, method=self.method.describe())
 
     def _resolve_regions(self, regions: Any, batch: int) -> list[Region | None]:
@@ -318,6 +340,18 @@ def remove(crop_model: CropModel) -> Any:
     """Undo `apply`: take the hooks off and return the original model."""
     crop_model.remove()
     return crop_model.model
+
+
+def _cell_index(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, leading: int
+) -> torch.Tensor:
+    """Per prompt position, the raster grid cell of that visual token (-1 for text, pads and leading tokens)."""
+    cells = torch.full_like(input_ids, -1)
+    visual = (input_ids == image_token_id) & attention_mask.bool()
+    for row in range(input_ids.shape[0]):
+        grid = visual[row].nonzero().squeeze(1)[leading:]
+        cells[row, grid] = torch.arange(grid.numel(), device=input_ids.device)
+    return cells
 
 
 def _keep_visual(selections: list[Selection], leading: int) -> list[torch.Tensor]:

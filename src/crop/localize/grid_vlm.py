@@ -84,6 +84,11 @@ class GridVLMLocalizer:
         from crop.loading import load_model
 
         model, processor = load_model(path)
+        return cls.from_model(model, processor, path, **kwargs)
+
+    @classmethod
+    def from_model(cls, model: Any, processor: Any, path: str | Path, **kwargs: Any) -> GridVLMLocalizer:
+        """A localizer on an already loaded model, with the settings saved in `path` (if any)."""
         settings = Path(path) / LOCALIZER_SETTINGS
         if settings.is_file():
             kwargs = {**json.loads(settings.read_text()), **kwargs}

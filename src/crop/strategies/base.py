@@ -39,11 +39,16 @@ class Method(ABC):
     layer: int | None = None
     position: str = "original"
     dynamic: bool = False
-    """True for methods that choose during prefill (`rank`) from the attention of layer `observe_layer`."""
-    observe_layer: int | None = None
+    """True for methods that choose during prefill (`rank`) from the attention of the layer before each stage."""
 
-    def rank(self, attention: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dynamic methods: keep flags and cell states from one row's `(heads, grid tokens)` attention."""
+    @property
+    def stage_layers(self) -> tuple[int, ...]:
+        """The decoder layers at which the method drops tokens (one stage per layer)."""
+        return () if self.layer is None else (self.layer,)
+
+    def rank(self, stage: int, attention: torch.Tensor, cells: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """Dynamic methods: which of one row's remaining grid tokens (raster `cells`) stage `stage` keeps, given
+        the last token's `(heads, tokens)` attention to them in the layer before the stage."""
         raise NotImplementedError(f"{self.name} is not a dynamic method")
 
     @property

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from crop.errors import ConfigError
-from crop.stats import DROPPED, FINE
+from crop.stats import FINE
 from crop.strategies.base import Method, Selection, check_budget
 
 
@@ -29,10 +29,6 @@ class FastV(Method):
         self.keep_ratio = keep_ratio
         self.layer = layer
 
-    @property
-    def observe_layer(self) -> int:
-        return self.layer - 1
-
     def validate(self, num_layers: int, grid_tokens: int) -> None:
         super().validate(num_layers, grid_tokens)
         check_budget(self.name, self.kept(grid_tokens), grid_tokens)
@@ -47,14 +43,11 @@ class FastV(Method):
         count = shape[0] * shape[1]
         return Selection(None, torch.ones(count, dtype=torch.bool), torch.full(shape, FINE, dtype=torch.long))
 
-    def rank(self, attention: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """From one row's `(heads, grid tokens)` attention, the keep flags and the cell states."""
+    def rank(self, stage: int, attention: torch.Tensor, cells: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
         scores = attention.float().mean(0)
-        top = scores.topk(self.kept(scores.numel())).indices
         keep = torch.zeros(scores.numel(), dtype=torch.bool)
-        keep[top.cpu()] = True
-        cells = torch.where(keep, FINE, DROPPED).view(shape)
-        return keep, cells
+        keep[scores.topk(self.kept(shape[0] * shape[1])).indices.cpu()] = True
+        return keep
 
     def describe(self) -> str:
         amount = self.budget if self.budget is not None else f"{self.keep_ratio:.0%}"

@@ -85,10 +85,7 @@ class KeepPlan:
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Take the kept positions of a `(batch or 1, full_length, ...)` tensor along dim 1."""
-        batch = self.gather_index.shape[0]
-        tensor = tensor.expand(batch, *tensor.shape[1:])
-        index = self.gather_index.view(batch, -1, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:])
-        return tensor.gather(1, index)
+        return _take(tensor, self.gather_index)
 
     def prefill_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """Additive `(batch, 1, kept, kept)` causal mask over the kept tokens; pad rows attend to themselves."""
@@ -125,32 +122,62 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-PlanBuilder = Callable[[torch.Tensor, dict[str, Any]], KeepPlan]
-"""Builds the plan during prefill from the input `(hidden_states, kwargs)` of the observed layer (K-1)."""
+@dataclass
+class Layout:
+    """A stage's token layout: `index[b, j]` is the prompt position of row b's j-th token, `valid` marks non-pads."""
+
+    index: torch.Tensor
+    valid: torch.Tensor
+
+    @classmethod
+    def full(cls, batch: int, length: int, device: torch.device) -> Layout:
+        index = torch.arange(length, device=device).expand(batch, length)
+        return cls(index, torch.ones(batch, length, dtype=torch.bool, device=device))
+
+    def then(self, plan: KeepPlan) -> Layout:
+        """The layout after keeping `plan`'s positions (given relative to this layout)."""
+        return Layout(self.index.gather(1, plan.gather_index), plan.valid)
+
+
+PlanBuilder = Callable[[torch.Tensor, dict[str, Any], Layout], KeepPlan]
+"""Builds a stage's plan at prefill from the observed layer's input `(hidden_states, kwargs)` and its layout;
+the plan indexes that layout (methods that rank tokens by attention, like FastV, observe the layer before)."""
 
 
 class ILPHooks:
-    """Forward pre-hooks on decoder layers `K..L-1` of one model instance; `remove()` takes them off.
+    """Forward pre-hooks on the decoder layers of one model instance that drop tokens in stages; `remove()`
+    takes them off.
 
-    The hooks act only while a plan is active (`with hooks.active(plan): ...`); otherwise the model runs as
-    if they were not there. The plan is fixed before the call, or built during prefill by a `PlanBuilder` from
-    the inputs of layer `observe` (methods that rank tokens by attention, like FastV, observe layer K-1).
+    Stage s starts at layer `stage_layers[s]`: there the hidden states are gathered to the stage's kept tokens;
+    every later layer gets the rotary embeddings and position ids of its stage's tokens (gathered from the
+    full-length ones the model computes) and the stage's attention mask. The hooks act only while plans are
+    active (`with hooks.active(plans): ...`); each plan is fixed before the call or built during prefill by a
+    `PlanBuilder` from the input of the layer just before its stage.
     """
 
-    def __init__(self, layers: Sequence[nn.Module], first_pruned: int, observe: int | None = None) -> None:
-        self.first_pruned = first_pruned
-        self.plan: KeepPlan | None = None
+    def __init__(self, layers: Sequence[nn.Module], stage_layers: Sequence[int], observe: bool = False) -> None:
+        self.stage_layers = list(stage_layers)
+        if self.stage_layers != sorted(set(self.stage_layers)) or self.stage_layers[0] < 1:
+            raise ConfigError(f"pruning stages must start at increasing layers >= 1, got {self.stage_layers}")
         self._active = False
-        self._builder: PlanBuilder | None = None
-        self._observed: tuple[torch.Tensor, dict[str, Any]] | None = None
+        self._plans: list[KeepPlan | PlanBuilder] = []
+        self._resolved: list[KeepPlan] = []
+        self._layouts: list[Layout] = []
+        self._observed: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
+        first = self.stage_layers[0]
         self._handles = [
             layer.register_forward_pre_hook(self._make_hook(index), with_kwargs=True)
             for index, layer in enumerate(layers)
-            if index >= first_pruned
+            if index >= first
         ]
-        if observe is not None:
-            self._observe_index = observe
-            self._handles.append(layers[observe].register_forward_pre_hook(self._observe, with_kwargs=True))
+        if observe:
+            for stage, start in enumerate(self.stage_layers):
+                hook = self._make_observer(stage, start - 1)
+                self._handles.append(layers[start - 1].register_forward_pre_hook(hook, with_kwargs=True))
+
+    @property
+    def first_pruned(self) -> int:
+        return self.stage_layers[0]
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -158,20 +185,30 @@ class ILPHooks:
         self._handles.clear()
 
     @contextmanager
-    def active(self, plan: KeepPlan | PlanBuilder) -> Iterator[ILPHooks]:
-        """Prune during the block with a fixed plan or one built at prefill; the hooks are inert after it."""
+    def active(self, plans: KeepPlan | PlanBuilder | Sequence[KeepPlan | PlanBuilder]) -> Iterator[ILPHooks]:
+        """Prune during the block, one plan (or builder) per stage; the hooks are inert after it."""
         if self._active:
             raise RuntimeError("a pruned call is already running on this model (calls are not re-entrant)")
-        self._active = True
-        self.plan, self._builder = (plan, None) if isinstance(plan, KeepPlan) else (None, plan)
+        plans = [plans] if isinstance(plans, KeepPlan) or callable(plans) else list(plans)
+        if len(plans) != len(self.stage_layers):
+            raise ConfigError(f"{len(plans)} plans for {len(self.stage_layers)} pruning stages")
+        self._active, self._plans = True, plans
         try:
             yield self
         finally:
-            self._active, self._builder, self._observed = False, None, None
+            self._active, self._plans, self._resolved, self._layouts, self._observed = False, [], [], [], {}
 
-    def _observe(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._active and self._builder is not None and _past_length(kwargs, self._observe_index) == 0:
-            self._observed = (args[0] if args else kwargs["hidden_states"], dict(kwargs))
+    @property
+    def layouts(self) -> list[Layout]:
+        """The current call's layouts so far: the full prompt, then one per resolved stage."""
+        return list(self._layouts)
+
+    def _make_observer(self, stage: int, index: int) -> Callable[..., None]:
+        def observe(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if self._active and _past_length(kwargs, index) == 0 and not isinstance(self._plans[stage], KeepPlan):
+                self._observed[stage] = (args[0] if args else kwargs["hidden_states"], dict(kwargs))
+
+        return observe
 
     def _make_hook(self, index: int) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -181,35 +218,58 @@ class ILPHooks:
 
         return hook
 
+    def _stage_of(self, index: int) -> int:
+        return max(s for s, start in enumerate(self.stage_layers) if start <= index)
+
+    def _resolve(self, stage: int, hidden: torch.Tensor) -> None:
+        """At prefill, fix stage `stage`'s plan (building it if needed) and the layout it leads to."""
+        if stage == 0:
+            self._layouts = [Layout.full(hidden.shape[0], hidden.shape[1], hidden.device)]
+        previous = self._layouts[stage]
+        plan = self._plans[stage]
+        if not isinstance(plan, KeepPlan):
+            if stage not in self._observed:
+                raise RuntimeError(f"pruning stage {stage}: its observed layer did not run before it")
+            observed_hidden, observed_kwargs = self._observed.pop(stage)
+            plan = plan(observed_hidden, observed_kwargs, previous)
+        plan = plan.expand(hidden.shape[0])
+        if hidden.shape[1] != plan.full_length:
+            raise RuntimeError(f"pruning plan made for {plan.full_length} tokens, stage {stage} got {hidden.shape[1]}")
+        self._resolved.append(plan)
+        self._layouts.append(previous.then(plan))
+
     def _prune_call(self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         hidden = args[0] if args else kwargs["hidden_states"]
+        stage = self._stage_of(index)
         past = _past_length(kwargs, index)
-        if past == 0 and index == self.first_pruned and self._builder is not None:
-            if self._observed is None:
-                raise RuntimeError("the plan builder's observed layer did not run before the pruned layer")
-            self.plan = self._builder(*self._observed)
-        plan = self.plan.expand(hidden.shape[0])
         incoming_mask = kwargs.get("attention_mask")
         if past == 0:
-            if index == self.first_pruned:
-                if hidden.shape[1] != plan.full_length:
-                    raise RuntimeError(
-                        f"ILP plan made for a {plan.full_length}-token prompt, layer {index} got {hidden.shape[1]}"
-                    )
-                hidden = plan.gather(hidden)
+            if index == self.stage_layers[stage]:
+                self._resolve(stage, hidden)
+                hidden = self._resolved[stage].gather(hidden)
+            plan, layout = self._resolved[stage], self._layouts[stage + 1]
             cos, sin = kwargs["position_embeddings"]
-            kwargs["position_embeddings"] = (plan.gather(cos), plan.gather(sin))
+            kwargs["position_embeddings"] = (_take(cos, layout.index), _take(sin, layout.index))
             if isinstance(kwargs.get("position_ids"), torch.Tensor):
-                kwargs["position_ids"] = plan.gather(kwargs["position_ids"])
+                kwargs["position_ids"] = _take(kwargs["position_ids"], layout.index)
             if incoming_mask is not None or plan.has_pads:
                 kwargs["attention_mask"] = plan.prefill_mask(hidden.dtype)
-        elif incoming_mask is not None or plan.has_pads or hidden.shape[1] > 1:
-            kwargs["attention_mask"] = plan.decode_mask(past, hidden.shape[1], hidden.dtype)
+        else:
+            plan = self._resolved[stage]
+            if incoming_mask is not None or plan.has_pads or hidden.shape[1] > 1:
+                kwargs["attention_mask"] = plan.decode_mask(past, hidden.shape[1], hidden.dtype)
         if args:
             args = (hidden, *args[1:])
         else:
             kwargs["hidden_states"] = hidden
         return args, kwargs
+
+
+def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`tensor[b, index[b, j], ...]` for a `(batch or 1, length, ...)` tensor."""
+    tensor = tensor.expand(index.shape[0], *tensor.shape[1:])
+    gather = index.view(*index.shape, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:])
+    return tensor.gather(1, gather)
 
 
 def _past_length(kwargs: dict[str, Any], index: int) -> int:

@@ -12,6 +12,7 @@ from crop.strategies.fastv import FastV
 from crop.strategies.ilp import ILP
 from crop.strategies.plc import PLC
 from crop.strategies.pooling import UniformPooling
+from crop.strategies.pyramid_drop import PyramidDrop
 from crop.strategies.random_select import RandomSelection
 
 
@@ -38,6 +39,9 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("fastv", "top-N by the last token's attention at layer K-1, dropped from layer K",
                    "inside the LLM at K", True,
                    lambda budget, layer, plc_ratio, seed: FastV(budget=budget, layer=layer)),
+        MethodInfo("pyramiddrop", "staged: at several layers keep the top share by last-token attention",
+                   "inside the LLM at several layers", True,
+                   lambda budget, layer, plc_ratio, seed: PyramidDrop(budget=budget)),
         MethodInfo("random", "N tokens drawn at random (seeded)", "before the LLM", True,
                    lambda budget, layer, plc_ratio, seed: RandomSelection(budget, seed=seed)),
         MethodInfo("pool", "the grid average-pooled down to N tokens (image downsampling)", "before the LLM", True,

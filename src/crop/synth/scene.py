@@ -104,7 +104,7 @@ def make_objects(rng: random.Random) -> list[SceneObject]:
 
 
 def make_question(objects: list[SceneObject], kind: str, rng: random.Random) -> tuple[str, str, Region, int | None]:
-    """`(question, answer, ground-truth region, index of the target object or None)` of one kind."""
+    """`(question, answer, ground-truth region, index of the object the answer rests on, or None)` of one kind."""
     target_index = rng.randrange(len(objects))
     target = objects[target_index]
     if kind == "detail":
@@ -115,8 +115,10 @@ def make_question(objects: list[SceneObject], kind: str, rng: random.Random) -> 
         raise ValueError(f"unknown kind {kind!r}; use one of {KINDS}")
     present = rng.random() < 0.5
     used = {obj.colour for obj in objects}
-    colour = target.colour if present else rng.choice([c for c in COLOURS if c not in used])
-    return f"is there a {colour} object ?", "yes" if present else "no", Region.full(), None
+    if present:
+        return f"is there a {target.colour} object ?", "yes", Region.full(), target_index
+    colour = rng.choice([c for c in COLOURS if c not in used])
+    return f"is there a {colour} object ?", "no", Region.full(), None
 
 
 def make_sample(split: str, index: int) -> Sample:

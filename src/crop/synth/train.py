@@ -4,8 +4,9 @@ Stage 1 trains the vision tower and projector alone on per-patch heads (colour, 
 reading is learned cheaply before any question. Stage 2 trains everything on questions and on localization
 prompts (`locate : <question>` -> `x0 y0 x1 y1`), keeps the per-patch heads as an auxiliary loss, and adds an
 attention-grounding loss: at one LLM layer, the last prompt token's attention (mean over heads) should fall on
-the target object's patches. That loss teaches binding ("the red object" -> its patches) directly, which
-SYNTH-NOTES.md found to be the slow part of learning this task from the answer alone.
+the patches the answer rests on (the tag patch for a digit, the object's cell otherwise). That loss teaches
+binding ("the red object" -> its patches) directly, which SYNTH-NOTES.md found to be the slow part of learning
+this task from the answer alone.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from crop.synth.scene import (
     PATCH,
     SHAPES,
     SPLIT_SEEDS,
+    SceneObject,
     draw_scene,
     make_objects,
     make_question,
@@ -50,8 +52,8 @@ class TrainConfig:
     """Everything that determines a training run; saved beside its checkpoints."""
 
     seed: int = 0
-    vision_steps: int = 2500
-    steps: int = 6000
+    vision_steps: int = 800
+    steps: int = 5000
     images_per_step: int = 16
     questions_per_image: int = 2
     lr: float = 1e-3
@@ -60,7 +62,7 @@ class TrainConfig:
     decay_from: float = 0.35
     locate_share: float = 0.25
     aux_weight: float = 0.3
-    grounding_weight: float = 0.5
+    grounding_weight: float = 1.0
     grounding_layer: int = 1
     checkpoint_every: int = 200
     eval_every: int = 500
@@ -256,7 +258,7 @@ class Trainer:
                 if locate:
                     answer = " ".join(str(v) for v in region.to_grid())
                     question = LOCATE_INSTRUCTION.format(question=question)
-                cells = [] if target is None else _cell_positions(objects[target].box)
+                cells = [] if target is None else _grounding_patches(objects[target], kind, locate)
                 items.append((image_index, question, answer, cells, kind))
         return self._encode(batch, items)
 
@@ -312,8 +314,9 @@ class Trainer:
             log.write(json.dumps(record) + "\n")
 
 
-def _cell_positions(box: tuple[int, int, int, int]) -> list[int]:
-    """Raster indices of the patches inside a pixel box."""
+def _grounding_patches(obj: SceneObject, kind: str, locate: bool) -> list[int]:
+    """Where the last prompt token should look: the tag patch to read a digit, the object's cell otherwise."""
+    box = obj.tag_box if kind == "detail" and not locate else obj.box
     x0, y0, x1, y1 = (v // PATCH for v in box)
     return [row * SIDE + col for row in range(y0, y1) for col in range(x0, x1)]
 

@@ -1,0 +1,77 @@
+"""PyramidDrop (Xing et al., CVPR 2025, arXiv 2410.17247): drop visual tokens in stages, a pyramid over depth.
+
+The LLM is cut into stages at `layers` (LLaVA-1.5-7B in the paper: 8, 16, 24). At the start of each stage the
+remaining visual tokens are ranked by the attention the last prompt token pays them in the layer before, averaged
+over heads, and a share `ratio` of them stays (the paper's lambda = 0.5). In budget mode the ratio is chosen so
+that exactly `budget` tokens remain after the last stage. The attention row is computed from that layer's queries
+and keys, so the model keeps SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from crop.errors import ConfigError
+from crop.stats import FINE
+from crop.strategies.base import Method, Selection, check_budget
+
+
+class PyramidDrop(Method):
+    """Staged dropping at `layers` keeping `ratio` of the remaining visual tokens each time (or a final `budget`)."""
+
+    name = "pyramiddrop"
+    dynamic = True
+
+    def __init__(
+        self, layers: tuple[int, ...] | None = None, ratio: float | None = 0.5, budget: int | None = None
+    ) -> None:
+        if budget is not None:
+            ratio = None
+        if ratio is not None and not 0 < ratio <= 1:
+            raise ConfigError(f"PyramidDrop ratio must be in (0, 1], got {ratio!r}")
+        self.layers = tuple(layers) if layers is not None else None
+        self.ratio = ratio
+        self.budget = budget
+
+    @property
+    def layer(self) -> int | None:  # the first stage: where dropping starts
+        return self.layers[0] if self.layers else None
+
+    @property
+    def stage_layers(self) -> tuple[int, ...]:
+        return self.layers or ()
+
+    def validate(self, num_layers: int, grid_tokens: int) -> None:
+        if self.layers is None:
+            self.layers = tuple(sorted({max(1, num_layers * q // 4) for q in (1, 2, 3)}))
+        if list(self.layers) != sorted(set(self.layers)) or not all(1 <= x < num_layers for x in self.layers):
+            raise ConfigError(
+                f"PyramidDrop layers {self.layers} must be increasing layer indices in 1..{num_layers - 1}"
+            )
+        if self.budget is not None:
+            check_budget(self.name, self.budget, grid_tokens)
+
+    def kept_after(self, stage: int, grid_tokens: int) -> int:
+        """Visual tokens that remain after stage `stage` (0-based)."""
+        stages = len(self.layers)
+        if self.budget is not None:
+            share = (self.budget / grid_tokens) ** ((stage + 1) / stages)
+            return self.budget if stage == stages - 1 else max(self.budget, round(grid_tokens * share))
+        return max(1, round(grid_tokens * self.ratio ** (stage + 1)))
+
+    def select(
+        self, features: torch.Tensor | None, shape: tuple[int, int], inside: torch.Tensor | None, row: int
+    ) -> Selection:
+        count = shape[0] * shape[1]
+        return Selection(None, torch.ones(count, dtype=torch.bool), torch.full(shape, FINE, dtype=torch.long))
+
+    def rank(self, stage: int, attention: torch.Tensor, cells: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        scores = attention.float().mean(0)
+        count = min(scores.numel(), self.kept_after(stage, shape[0] * shape[1]))
+        keep = torch.zeros(scores.numel(), dtype=torch.bool)
+        keep[scores.topk(count).indices.cpu()] = True
+        return keep
+
+    def describe(self) -> str:
+        amount = f"budget {self.budget}" if self.budget is not None else f"ratio {self.ratio}"
+        return f"PyramidDrop(layers {list(self.layers or [])}, {amount})"
