@@ -238,3 +238,49 @@ def test_pyramiddrop_budget_and_defaults(sdpa_model, processor):
     assert stats.rows[0].per_layer[0] == 144 and stats.rows[0].per_layer[1] > stats.rows[0].per_layer[2] > 16
     with pytest.raises(ConfigError, match="increasing layer"):
         crop.apply(sdpa_model, processor, method=PyramidDrop(layers=(2, 1)))
+
+
+@pytest.mark.parametrize("budget", [20, 12])
+def test_visionzip_matches_reference(model, processor, budget):
+    """Dominant tokens from the vision layer's CLS attention (eager twin, output_attentions), contextual tokens
+    merged by explicit loops over cosine similarities of the layer's keys; logits of the result by hand."""
+    from crop.strategies.visionzip import VisionZip
+    from crop.tiny import build_model
+
+    inputs = batch_inputs(processor, 2)
+    method = VisionZip(budget)
+    contextual = method.contextual
+    pruned = crop.apply(model, processor, method=method)
+    output, stats = pruned(**inputs)
+    eager = build_model(attn_implementation="eager")
+    tower = eager.model.vision_tower
+    layer = tower.encoder.layers[-1]
+    image_token = model.config.image_token_id
+    for row in range(2):
+        input_ids, pixel_values = unpadded_row(inputs, row)
+        with torch.no_grad():
+            vision = tower(pixel_values, output_hidden_states=True, output_attentions=True)
+            hidden = vision.hidden_states[-1][0]
+            dominant = vision.attentions[-1][0, :, 0, 1:].sum(0).topk(budget - 1 - contextual).indices.sort().values + 1
+            keys = layer.self_attn.k_proj(layer.layer_norm1(vision.hidden_states[-2][0]))
+            keys = keys.view(keys.shape[0], 2, -1).mean(1)
+            rest = [i for i in range(1, hidden.shape[0]) if i not in set(dominant.tolist())]
+            step = max(1, len(rest) // contextual)
+            targets = list(range(0, len(rest), step))[:contextual]
+            merged = {t: [] for t in targets}
+            for j in range(len(rest)):
+                if j in merged:
+                    continue
+                sims = [torch.nn.functional.cosine_similarity(keys[rest[j]], keys[rest[t]], dim=0) for t in targets]
+                merged[targets[int(torch.stack(sims).argmax())]].append(hidden[rest[j]])
+            context = [hidden[rest[t]] + (torch.stack(m).mean(0) if m else 0) for t, m in merged.items()]
+            tokens = eager.model.multi_modal_projector(torch.stack([hidden[0], *hidden[dominant], *context]))
+            embeds = eager.get_input_embeddings()(input_ids)[0]
+        visual = (input_ids[0] == image_token).nonzero().squeeze(1)
+        start, end = int(visual[0]), int(visual[-1]) + 1
+        new = torch.cat([embeds[:start], tokens, embeds[end:]])[None]
+        expected = run_layers(model, new, torch.arange(new.shape[1]), None, 0)[0]
+        got = output.logits[row, output.logits.shape[1] - expected.shape[0] :]
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+        assert stats.rows[row].kept_tokens == budget
+        assert int((stats.rows[row].cells == 2).sum()) == budget - 1 - contextual

@@ -166,18 +166,15 @@ class CropModel:
             None if region is None else region.token_mask(*shape, viewport)
             for region, viewport in zip(regions, viewports, strict=True)
         ]
-        features = None
+        encoded: list[Any] = [None] * batch
         if self.method.acts_before_llm:
             pixel_values = inputs.pop("pixel_values", None)
             if pixel_values is None:
                 raise ConfigError(f"{self.method.describe()} acts before the LLM and needs pixel_values")
-            features = self.adapter.image_features(pixel_values)
-        selections = [
-            self.method.select(None if features is None else features[b, layout.leading :], shape, mask, b)
-            for b, mask in enumerate(cell_masks)
-        ]
-        if features is not None:
-            inputs = self._splice(inputs, features, selections, layout.leading)
+            leading_features, encoded = self.method.encode(self.adapter, pixel_values, layout.leading)
+        selections = [self.method.select(encoded[b], shape, mask, b) for b, mask in enumerate(cell_masks)]
+        if self.method.acts_before_llm:
+            inputs = self._splice(inputs, leading_features, selections, layout.leading)
         model_input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         if "inputs_embeds" in inputs and not generating:
             del inputs["input_ids"]  # a forward takes ids or embeddings; generate takes both (ids for the output)
@@ -282,7 +279,7 @@ class CropModel:
                 )
 
     def _splice(
-        self, inputs: dict[str, Any], features: torch.Tensor, selections: list[Selection], leading: int
+        self, inputs: dict[str, Any], leading_features: torch.Tensor, selections: list[Selection], leading: int
     ) -> dict[str, Any]:
         """Replace each row's grid tokens by its selection's compressed tokens before the LLM."""
         compressed = [selection.compressed for selection in selections]
@@ -295,7 +292,7 @@ class CropModel:
             [c.first_cell for c in compressed],
             leading,
         )
-        row_features = [torch.cat([features[b, :leading], c.features]) for b, c in enumerate(compressed)]
+        row_features = [torch.cat([leading_features[b], c.features]) for b, c in enumerate(compressed)]
         inputs.update(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -83,3 +83,22 @@ class ModelAdapter(ABC):
     def last_token_attention(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         """Attention probabilities `(batch, heads, length)` of the last position's query in decoder `layer`,
         given the layer's inputs, computed from its queries and keys for that one row (no eager attention)."""
+
+    def vision_internals(self, pixel_values: torch.Tensor) -> VisionInternals:
+        """The vision tower's feature-layer states with the CLS token's attention and keys (for VisionZip)."""
+        raise UnsupportedModelError(f"{self.family}: the vision tower's attention is not exposed by this adapter")
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vision hidden states `(..., vision dim)` through the projector into the LLM's embedding space."""
+        raise UnsupportedModelError(f"{self.family}: projecting selected vision states is not supported")
+
+
+@dataclass
+class VisionInternals:
+    """At the vision layer whose output feeds the projector: its output states `(B, 1 + N, dim)` (CLS first), the
+    CLS query's attention to the N patches summed over heads `(B, N)`, and keys averaged over heads
+    `(B, 1 + N, head_dim)`."""
+
+    hidden: torch.Tensor
+    cls_attention: torch.Tensor
+    keys: torch.Tensor

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -55,6 +56,12 @@ class Method(ABC):
     def acts_before_llm(self) -> bool:
         """Whether `select` returns compressed tokens (it then needs the image features)."""
         return False
+
+    def encode(self, adapter: Any, pixel_values: torch.Tensor, leading: int) -> tuple[torch.Tensor, list[Any]]:
+        """For methods acting before the LLM: `(leading token features (B, leading, dim), per-row inputs of
+        select)`. By default the projected grid features `(rows*cols, dim)` of each row."""
+        features = adapter.image_features(pixel_values)
+        return features[:, :leading], list(features[:, leading:])
 
     def validate(self, num_layers: int, grid_tokens: int) -> None:
         """Refuse settings that do not fit the model (a layer out of range, a budget above the grid)."""

@@ -14,6 +14,7 @@ from crop.strategies.plc import PLC
 from crop.strategies.pooling import UniformPooling
 from crop.strategies.pyramid_drop import PyramidDrop
 from crop.strategies.random_select import RandomSelection
+from crop.strategies.visionzip import VisionZip
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("pyramiddrop", "staged: at several layers keep the top share by last-token attention",
                    "inside the LLM at several layers", True,
                    lambda budget, layer, plc_ratio, seed: PyramidDrop(budget=budget)),
+        MethodInfo("visionzip", "dominant tokens by the vision CLS attention plus merged contextual tokens",
+                   "before the LLM", True, lambda budget, layer, plc_ratio, seed: VisionZip(budget)),
         MethodInfo("random", "N tokens drawn at random (seeded)", "before the LLM", True,
                    lambda budget, layer, plc_ratio, seed: RandomSelection(budget, seed=seed)),
         MethodInfo("pool", "the grid average-pooled down to N tokens (image downsampling)", "before the LLM", True,
