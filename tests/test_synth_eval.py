@@ -37,5 +37,7 @@ def test_evaluation_runs_and_counts_tokens(tmp_path):
     assert [kept[("random", b)] for b in ("1/3", "2/9", "1/9")] == [85, 57, 28]
     assert [kept[("crop-ilp-budget", b)] for b in ("1/3", "2/9", "1/9")] == [85, 57, 28]
     assert [kept[("pool", b)] for b in ("1/3", "2/9", "1/9")] == [81, 56, 25]
+    for name in ("fastv", "pyramiddrop", "visionzip"):
+        assert [kept[(name, b)] for b in ("1/3", "2/9", "1/9")] == [85, 57, 28]
     assert kept[("oracle-ilp", "region")] == 16 * 0.7 + 256 * 0.3  # 4x4-patch object cells; wide = whole image
     assert "| full | full | all | 256.0 |" in markdown_table(results)

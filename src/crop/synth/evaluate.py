@@ -21,10 +21,13 @@ from crop.localize import GridVLMLocalizer
 from crop.region import Region
 from crop.strategies.base import Method
 from crop.strategies.crop_method import CROP
+from crop.strategies.fastv import FastV
 from crop.strategies.ilp import ILP
 from crop.strategies.plc import PLC
 from crop.strategies.pooling import UniformPooling
+from crop.strategies.pyramid_drop import PyramidDrop
 from crop.strategies.random_select import RandomSelection
+from crop.strategies.visionzip import VisionZip
 from crop.synth.model import LOCATE_INSTRUCTION
 from crop.synth.scene import KINDS, PATCH, Sample, make_sample
 
@@ -56,6 +59,9 @@ def variants(grid_tokens: int, layer: int = 2) -> list[Variant]:
         n = round(grid_tokens * fraction)
         rows += [
             Variant("crop-ilp-budget", lambda n=n: CROP(ILP(layer), budget=n), "predicted", label),
+            Variant("fastv", lambda n=n: FastV(budget=n, layer=layer), None, label),
+            Variant("pyramiddrop", lambda n=n: PyramidDrop(budget=n), None, label),
+            Variant("visionzip", lambda n=n: VisionZip(n), None, label),
             Variant("random", lambda n=n: RandomSelection(n), None, label),
             Variant("pool", lambda n=n: UniformPooling(n), None, label),
         ]
@@ -219,7 +225,9 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     rows = results["variants"]
-    for name, marker in (("crop-ilp-budget", "o"), ("random", "x"), ("pool", "s")):
+    methods = (("crop-ilp-budget", "o"), ("fastv", "^"), ("pyramiddrop", "v"), ("visionzip", "D"),
+               ("random", "x"), ("pool", "s"))  # fmt: skip
+    for name, marker in methods:
         line = sorted((r["kept_tokens"], r["accuracy"]["all"]) for r in rows if r["name"] == name)
         axis.plot(*zip(*line, strict=True), marker=marker, label=name)
     for row in rows:
