@@ -112,7 +112,7 @@ def test_quarter_region_keeps_exactly_its_tokens_in_the_cache(model, processor):
     keep = keep_for_region(input_ids, model.config.image_token_id, QUARTER)
     assert int(keep.sum()) == input_ids.shape[1] - 144 + 36
     assert stats.rows[0].kept_tokens == 36
-    cache = output.past_key_values if hasattr(output, "past_key_values") else output.cache
+    cache = output.get("cache") or output.get("past_key_values")
     layers = model.model.language_model.layers
     for index in range(len(layers)):
         expected_length = input_ids.shape[1] if index < K else int(keep.sum())

@@ -55,6 +55,19 @@ def _parser() -> argparse.ArgumentParser:
     _add_pruning_args(demo)
     demo.set_defaults(run=_run_demo)
 
+    bench = commands.add_parser("bench", help="measure prefill, decode, memory, KV cache and FLOPs per method")
+    bench.add_argument("--shape", default="llava-1.5-7b", choices=["llava-1.5-7b", "small", "tiny"])
+    bench.add_argument("--quick", action="store_true", help="small shape, 2 repeats, 8 new tokens (minutes on CPU)")
+    bench.add_argument("--budgets", type=int, nargs="+", default=[192, 128, 64])
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--warmup", type=int, default=1)
+    bench.add_argument("--new-tokens", type=int, default=32)
+    bench.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    bench.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    bench.add_argument("--out", type=Path, default=Path("results") / "bench.json")
+    bench.set_defaults(run=_run_bench)
+
     methods = commands.add_parser("methods", help="list the pruning methods")
     methods.set_defaults(run=_run_methods)
 
@@ -110,6 +123,24 @@ def _report(label: str, answer) -> None:
         f"  visual tokens: {row.image_tokens} in the image, {row.llm_input_tokens} into the LLM, {row.kept_tokens} "
         f"kept after layer K (average over layers {row.average_tokens:.1f}); {answer.stats.method}; {seconds}"
     )
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from crop import bench
+
+    if args.quick:
+        args.shape, args.repeats, args.new_tokens = "small", 2, 8
+    report = bench.run(
+        args.shape, tuple(args.budgets), repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens,
+        device=args.device, dtype=args.dtype, out=args.out, threads=args.threads,
+    )  # fmt: skip
+    print(f"{report['shape']['name']}: {report['note']}; {report['device']} {report['dtype']}; {report['machine']}")
+    text = bench.table(report)
+    print(text)
+    args.out.with_suffix(".md").write_text(text + "\n")
+    bench.plot(report, args.out.with_suffix(".png"))
+    print(f"wrote {args.out}, {args.out.with_suffix('.md')} and {args.out.with_suffix('.png')}")
+    return 0
 
 
 def _run_methods(args: argparse.Namespace) -> int:

@@ -1,0 +1,408 @@
+"""Speed and memory of pruning methods: prefill, decode, peak memory, KV-cache bytes and analytic FLOPs.
+
+Models have real layer shapes and random weights (speed does not depend on weight values), built from configs.
+Every method runs against the same model in one process, in interleaved order, after warm-up; times are medians
+over repeats with min/max, and ratios (to full tokens and to the *ideal*: the model fed only the kept visual
+tokens from the start, with no selection work) are computed within the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import crop
+from crop.region import Region
+from crop.strategies.base import Method
+from crop.strategies.crop_method import CROP
+from crop.strategies.fastv import FastV
+from crop.strategies.ilp import ILP
+from crop.strategies.pooling import UniformPooling
+from crop.strategies.pyramid_drop import PyramidDrop
+from crop.strategies.random_select import RandomSelection
+from crop.strategies.visionzip import VisionZip
+
+IMAGE_TOKEN = 32000
+TEXT_TOKENS = 40
+"""Prompt text around the image: LLaVA-1.5's system prompt and a short question are about this long."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Layer shapes of a LLaVA-style model; `llm_layers` may be reduced from the real model's to fit memory."""
+
+    name: str
+    vision_hidden: int
+    vision_intermediate: int
+    vision_layers: int
+    vision_heads: int
+    image_size: int
+    patch_size: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    llm_layers: int
+    real_llm_layers: int
+    vocab: int = 32064
+
+    @property
+    def grid_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+SHAPES = {
+    "llava-1.5-7b": Shape("llava-1.5-7b", 1024, 4096, 24, 16, 336, 14, 4096, 11008, 32, 32, 8, 32),
+    "small": Shape("small", 256, 1024, 4, 4, 336, 14, 512, 1376, 8, 8, 8, 8),
+    "tiny": Shape("tiny", 32, 64, 2, 2, 112, 14, 64, 128, 4, 2, 4, 4),
+}
+
+
+def build_bench_model(shape: Shape, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
+    """A random-weight LLaVA with `shape`'s layer sizes, SDPA attention."""
+    vision = CLIPVisionConfig(
+        hidden_size=shape.vision_hidden,
+        intermediate_size=shape.vision_intermediate,
+        num_hidden_layers=shape.vision_layers,
+        num_attention_heads=shape.vision_heads,
+        image_size=shape.image_size,
+        patch_size=shape.patch_size,
+    )
+    text = LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.llm_layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2)
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config)
+    return model.to(dtype).eval()
+
+
+def bench_inputs(shape: Shape, batch: int = 1, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """A prompt of text, the image's visual tokens, then text; random pixels."""
+    before = torch.randint(1, 31000, (batch, TEXT_TOKENS // 2))
+    after = torch.randint(1, 31000, (batch, TEXT_TOKENS - TEXT_TOKENS // 2))
+    image = torch.full((batch, shape.grid_tokens), IMAGE_TOKEN)
+    input_ids = torch.cat([before, image, after], dim=1)
+    pixels = torch.randn(batch, 3, shape.image_size, shape.image_size, dtype=dtype)
+    return {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device),
+            "pixel_values": pixels.to(device)}  # fmt: skip
+
+
+def prefill_flops(shape: Shape, tokens_per_layer: list[int]) -> float:
+    """Analytic multiply-add FLOPs (x2) of the LLM prefill: projections, attention scores and values, MLP."""
+    head_dim = shape.hidden // shape.heads
+    kv = shape.kv_heads * head_dim
+    total = 0.0
+    for n in tokens_per_layer:
+        projections = 2 * n * shape.hidden * (2 * shape.hidden + 2 * kv)
+        attention = 2 * 2 * n * n * shape.hidden  # QK^T and AV over the full (unmasked) square
+        mlp = 2 * 3 * n * shape.hidden * shape.intermediate
+        total += projections + attention + mlp
+    return total
+
+
+def kv_cache_bytes(shape: Shape, tokens_per_layer: list[int], dtype: torch.dtype, batch: int = 1) -> int:
+    """Keys and values of every layer after prefill."""
+    head_dim = shape.hidden // shape.heads
+    element = torch.tensor([], dtype=dtype).element_size()
+    return sum(2 * batch * n * shape.kv_heads * head_dim * element for n in tokens_per_layer)
+
+
+def measured_cache_bytes(cache: Any) -> int:
+    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+
+
+class PeakMemory:
+    """Peak growth of the process's resident memory (CPU) or of allocated CUDA memory during a block."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            return self
+        self._base = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss() - self._base)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self._base
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss() - self._base)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
+    """Wall time of `fn()` (CUDA: between synchronised events)."""
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        result = fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000, result
+    begin = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - begin, result
+
+
+@dataclass
+class Case:
+    """One measured configuration: a method (None: the ideal or full) at a budget."""
+
+    name: str
+    budget: str
+    method: Callable[[], Method] | None
+    region: Region | None = None
+    ideal_tokens: int | None = None
+    results: dict[str, list[float]] = field(default_factory=dict)
+
+
+def cases(shape: Shape, budgets: list[int], region: Region) -> list[Case]:
+    """Full tokens; CROP region-sized and at each budget; the baselines at each budget; the ideal per budget."""
+    grid = shape.grid_tokens
+    region_tokens = int(region.token_mask(int(grid**0.5), int(grid**0.5)).sum())
+    rows = [
+        Case("full", "all", None),
+        Case("crop-ilp", "region", lambda: CROP(ILP(2)), region),
+        Case("ideal", "region", None, ideal_tokens=region_tokens),
+    ]
+    for n in budgets:
+        rows += [
+            Case("crop-ilp", str(n), lambda n=n: CROP(ILP(2), budget=n), region),
+            Case("fastv", str(n), lambda n=n: FastV(budget=n, layer=2)),
+            Case("pyramiddrop", str(n), lambda n=n: PyramidDrop(budget=n)),
+            Case("visionzip", str(n), lambda n=n: VisionZip(n)),
+            Case("random", str(n), lambda n=n: RandomSelection(n)),
+            Case("pool", str(n), lambda n=n: UniformPooling(n)),
+            Case("ideal", str(n), None, ideal_tokens=n),
+        ]
+    return rows
+
+
+def run(
+    shape_name: str = "small",
+    budgets: tuple[int, ...] = (192, 128, 64),
+    repeats: int = 5,
+    warmup: int = 1,
+    new_tokens: int = 32,
+    device: str = "cpu",
+    dtype: str = "float32",
+    out: Path | None = Path("results") / "bench.json",
+    threads: int | None = None,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Measure every case; repeats are interleaved (case order rotates each round)."""
+    if threads:
+        torch.set_num_threads(threads)
+    shape = SHAPES[shape_name]
+    torch_dtype = getattr(torch, dtype)
+    torch.manual_seed(0)
+    model = build_bench_model(shape, torch_dtype, device)
+    inputs = bench_inputs(shape, device=device, dtype=torch_dtype)
+    region = Region.from_grid([2, 2, 5, 5])
+    all_cases = cases(shape, list(budgets), region)
+    for round_index in range(warmup + repeats):
+        order = all_cases[round_index % len(all_cases) :] + all_cases[: round_index % len(all_cases)]
+        for case in order:
+            measurement = _measure(model, inputs, case, shape, new_tokens, device)
+            if round_index >= warmup:
+                for key, value in measurement.items():
+                    case.results.setdefault(key, []).append(value)
+        progress(f"round {round_index + 1}/{warmup + repeats} done")
+    report = _report(shape, all_cases, budgets, device, dtype, repeats, new_tokens)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _measure(model: Any, inputs: dict, case: Case, shape: Shape, new_tokens: int, device: str) -> dict[str, float]:
+    if case.ideal_tokens is not None:
+        prefill_call, generate_call = _ideal_calls(model, inputs, case.ideal_tokens, new_tokens + 1)
+        per_layer = [case.ideal_tokens] * shape.llm_layers
+    else:
+        method = case.method() if case.method is not None else CROP(None, None)
+        pruned = crop.apply(model, None, method=method)
+        regions = [case.region or Region.full()]
+        prefill_call = lambda: pruned(**inputs, regions=regions, use_cache=True)  # noqa: E731
+        generate_call = lambda: pruned.generate(  # noqa: E731
+            **inputs, regions=regions, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False
+        )
+    try:
+        with torch.inference_mode(), PeakMemory(device) as memory:
+            prefill, output = timed(prefill_call, device)
+        generate, _ = timed(generate_call, device)
+    finally:
+        if case.ideal_tokens is None:
+            pruned.remove()
+    if case.ideal_tokens is None:
+        output, stats = output
+        per_layer = stats.rows[0].per_layer
+    cache = output.get("cache") or output.get("past_key_values")
+    tokens = [n + TEXT_TOKENS for n in per_layer]
+    return {
+        "prefill_s": prefill,
+        "decode_tokens_per_s": new_tokens / max(generate - prefill, 1e-9),
+        "peak_memory_bytes": memory.peak,
+        "kv_cache_bytes": measured_cache_bytes(cache),
+        "kv_cache_bytes_analytic": kv_cache_bytes(shape, tokens, cache.layers[0].keys.dtype),
+        "flops_prefill": prefill_flops(shape, tokens),
+        "kept_tokens": per_layer[-1],
+        "average_tokens": sum(per_layer) / len(per_layer),
+    }
+
+
+def _ideal_calls(model: Any, inputs: dict, kept: int, steps: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """The ideal at `kept` tokens: the image is encoded as usual, then the LLM gets only `kept` visual tokens
+    (the first ones, taken without any selection work)."""
+    config = model.config
+    ids = inputs["input_ids"][0]
+    visual = (ids == config.image_token_id).nonzero().squeeze(1)
+    start, end = int(visual[0]), int(visual[-1]) + 1
+    short = torch.cat([ids[:start], ids[start : start + kept], ids[end:]])[None]
+    mask = torch.ones_like(short)
+
+    def embeds() -> torch.Tensor:
+        features = model.model.get_image_features(
+            pixel_values=inputs["pixel_values"],
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+        ).pooler_output[0][:kept]
+        embedded = model.get_input_embeddings()(short)
+        return embedded.masked_scatter((short == config.image_token_id)[..., None], features.to(embedded.dtype))
+
+    def prefill() -> Any:
+        with torch.inference_mode():
+            return model(inputs_embeds=embeds(), attention_mask=mask, use_cache=True)
+
+    def generate() -> Any:
+        with torch.inference_mode():
+            return model.generate(input_ids=short, inputs_embeds=embeds(), attention_mask=mask,
+                                  max_new_tokens=steps, min_new_tokens=steps, do_sample=False)  # fmt: skip
+
+    return prefill, generate
+
+
+def _report(shape: Shape, all_cases: list[Case], budgets, device: str, dtype: str, repeats: int, new_tokens: int):
+    full = next(c for c in all_cases if c.name == "full")
+    full_prefill = statistics.median(full.results["prefill_s"])
+    full_flops = full.results["flops_prefill"][0]
+    ideal = {c.budget: statistics.median(c.results["prefill_s"]) for c in all_cases if c.name == "ideal"}
+    rows = []
+    for case in all_cases:
+        measured, analytic = case.results["kv_cache_bytes"][0], case.results["kv_cache_bytes_analytic"][0]
+        prefill = case.results["prefill_s"]
+        median = statistics.median(prefill)
+        rows.append({
+            "method": case.name,
+            "budget": case.budget,
+            "kept_tokens": case.results["kept_tokens"][0],
+            "average_tokens_over_layers": case.results["average_tokens"][0],
+            "prefill_s": {"median": median, "min": min(prefill), "max": max(prefill)},
+            "prefill_ratio_to_full": median / full_prefill,
+            "prefill_ratio_to_ideal": median / ideal[case.budget] if case.budget in ideal else None,
+            "flops_ratio_to_full": case.results["flops_prefill"][0] / full_flops,
+            "decode_tokens_per_s": statistics.median(case.results["decode_tokens_per_s"]),
+            "peak_memory_mb": statistics.median(case.results["peak_memory_bytes"]) / 2**20,
+            "kv_cache_mb": measured / 2**20,
+            "kv_cache_matches_analytic": measured == analytic,
+        })  # fmt: skip
+    return {
+        "shape": asdict(shape),
+        "note": (
+            f"LLM layers reduced from {shape.real_llm_layers} to {shape.llm_layers} to fit memory"
+            if shape.llm_layers < shape.real_llm_layers else "real layer count"
+        ),
+        "device": device,
+        "dtype": dtype,
+        "repeats": repeats,
+        "new_tokens": new_tokens,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor(),
+                    "threads": torch.get_num_threads()},
+        "rows": rows,
+    }  # fmt: skip
+
+
+def table(report: dict[str, Any]) -> str:
+    """The report as a Markdown table."""
+    lines = [
+        "| method | budget | kept | avg over layers | prefill ms (min-max) | x full | x ideal | FLOPs x full | "
+        "decode tok/s | peak MB | KV MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        prefill = row["prefill_s"]
+        ideal = "-" if row["prefill_ratio_to_ideal"] is None else f"{row['prefill_ratio_to_ideal']:.2f}"
+        lines.append(
+            f"| {row['method']} | {row['budget']} | {row['kept_tokens']} | {row['average_tokens_over_layers']:.1f} | "
+            f"{1000 * prefill['median']:.1f} ({1000 * prefill['min']:.1f}-{1000 * prefill['max']:.1f}) | "
+            f"{row['prefill_ratio_to_full']:.2f} | {ideal} | {row['flops_ratio_to_full']:.2f} | "
+            f"{row['decode_tokens_per_s']:.1f} | {row['peak_memory_mb']:.0f} | {row['kv_cache_mb']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Prefill time and peak memory versus kept visual tokens, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    methods = sorted({row["method"] for row in report["rows"]})
+    for method in methods:
+        rows = sorted((r for r in report["rows"] if r["method"] == method), key=lambda r: r["kept_tokens"])
+        kept = [r["kept_tokens"] for r in rows]
+        left.plot(kept, [1000 * r["prefill_s"]["median"] for r in rows], marker="o", label=method)
+        right.plot(kept, [r["peak_memory_mb"] for r in rows], marker="o", label=method)
+    left.set(xlabel="visual tokens kept", ylabel="prefill (ms, median)", title="Time to first token")
+    right.set(xlabel="visual tokens kept", ylabel="peak memory growth (MB)", title="Peak memory")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    figure.suptitle(f"{report['shape']['name']} ({report['note']}), {report['device']}, {report['dtype']}")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,31 @@
+"""The benchmark is never run by the suite for its numbers; this smoke test runs it on the tiniest shape once
+and checks what must hold whatever the timings: every method's KV cache equals the analytic byte count."""
+
+from __future__ import annotations
+
+import json
+
+from crop.bench import SHAPES, kv_cache_bytes, prefill_flops
+from crop.cli import main
+
+
+def test_bench_smoke_and_kv_cache_bytes(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--shape", "tiny", "--budgets", "32", "--repeats", "1", "--warmup", "0", "--new-tokens", "2",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    methods = {row["method"] for row in report["rows"]}
+    assert {"full", "crop-ilp", "fastv", "pyramiddrop", "visionzip", "random", "pool", "ideal"} <= methods
+    assert all(row["kv_cache_matches_analytic"] for row in report["rows"])
+    assert "| full | all | 64 |" in capsys.readouterr().out
+    assert out.with_suffix(".png").is_file()
+
+
+def test_analytic_counts():
+    shape = SHAPES["tiny"]
+    head_dim = shape.hidden // shape.heads
+    assert kv_cache_bytes(shape, [10, 10, 4, 4], __import__("torch").float32) == 2 * 28 * shape.kv_heads * head_dim * 4
+    one_layer = prefill_flops(shape, [10])
+    expected = 2 * 10 * 64 * (2 * 64 + 2 * 32) + 4 * 100 * 64 + 6 * 10 * 64 * 128
+    assert one_layer == expected
