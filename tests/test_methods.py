@@ -284,3 +284,16 @@ def test_visionzip_matches_reference(model, processor, budget):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
         assert stats.rows[row].kept_tokens == budget
         assert int((stats.rows[row].cells == 2).sum()) == budget - 1 - contextual
+
+
+def test_methods_by_name(sdpa_model, processor):
+    inputs = batch_inputs(processor, 1)
+    for name in ("fastv", "pyramiddrop", "visionzip", "random", "pool"):
+        pruned = crop.apply(sdpa_model, processor, method=name, budget=16)
+        try:
+            _, stats = pruned(**inputs)
+        finally:
+            pruned.remove()
+        assert stats.rows[0].kept_tokens == 16, name
+    with pytest.raises(ConfigError, match="unknown method 'fast'"):
+        crop.apply(sdpa_model, processor, method="fast", budget=16)

@@ -317,15 +317,22 @@ def apply(
     localizer: Localizer | None = None,
     ilp: ILP | int | None = 2,
     plc: PLC | int | None = None,
-    method: Method | None = None,
+    method: Method | str | None = None,
+    budget: int | None = None,
     prompt_template: str | None = None,
 ) -> CropModel:
     """Attach a pruning method to `model` (one instance, reversibly) and return the pruning wrapper.
 
     By default the method is CROP: `ilp` is an `ILP` or its layer K (default 2; None disables it), `plc` a `PLC`
-    or its pooling ratio (None, the default, disables it). `method` replaces CROP by any other `Method`.
+    or its pooling ratio (None, the default, disables it). `method` replaces CROP by any other `Method`, or names
+    one (`crop methods`: "fastv", "pyramiddrop", "visionzip", "random", "pool", "crop") kept at `budget` tokens.
     `localizer` finds the region for `prepare`/`ask`; regions can also be passed per call.
     """
+    if isinstance(method, str):
+        from crop.strategies.registry import build_method
+
+        layer = ilp.layer if isinstance(ilp, ILP) else (2 if ilp is None else ilp)
+        method = build_method(method, budget=budget, layer=layer)
     if method is None:
         ilp_config = ILP(layer=ilp) if isinstance(ilp, int) and not isinstance(ilp, bool) else ilp
         plc_config = PLC(ratio=plc) if isinstance(plc, int) and not isinstance(plc, bool) else plc
