@@ -218,3 +218,23 @@ def test_llava15_grid_and_cls_token():
         embeds[0, visual] = features
         expected = run_layers(model, embeds, torch.arange(input_ids.shape[1]), keep, K)[0]
         torch.testing.assert_close(output.logits[0], expected, atol=1e-5, rtol=0)
+
+
+def test_bfloat16_model(processor):
+    """Masks and gathers follow the model's dtype: bf16 with the whole image equals the unmodified bf16 model."""
+    from crop.tiny import build_model
+
+    model = build_model().to(torch.bfloat16)
+    inputs = batch_inputs(processor, 3)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    pruned = crop.apply(model, processor, ilp=K)
+    try:
+        output, _ = pruned(**inputs, regions=[Region.full()] * 3)
+        sequences, stats = pruned.generate(**inputs, regions=[QUARTER] * 3, max_new_tokens=3)
+    finally:
+        pruned.remove()
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(output.logits[real], expected[real], atol=0, rtol=0)
+    assert sequences.shape[1] <= inputs["input_ids"].shape[1] + 3 and stats.rows[0].kept_tokens == 36
