@@ -77,8 +77,15 @@ def _parser() -> argparse.ArgumentParser:
     train = synth.add_parser("train", help="train the synthetic-task VLM from scratch (resumes from --out)")
     train.add_argument("--out", type=Path, default=Path("runs") / "synth", help="run directory (checkpoints, log)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--vision-steps", type=int, default=800, help="stage 1: vision tower on per-patch heads")
-    train.add_argument("--steps", type=int, default=5000, help="stage 2: questions and localization")
+    train.add_argument("--vision-steps", type=int, default=2500, help="stage 1: vision tower on per-patch heads")
+    train.add_argument("--steps", type=int, default=4000, help="stage 2: questions and localization")
+    train.add_argument("--grounding-weight", type=float, default=1.0)
+    train.add_argument(
+        "--targeted-grounding-from",
+        type=int,
+        default=0,
+        help="stage-2 step from which digit questions ground on the tag patch",
+    )
     train.add_argument("--threads", type=int, default=2)
     train.set_defaults(run=_run_synth_train)
     evaluate = synth.add_parser("eval", help="accuracy versus visual-token budget on the synthetic test split")
@@ -210,7 +217,14 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _run_synth_train(args: argparse.Namespace) -> int:
     from crop.synth.train import TrainConfig, Trainer
 
-    config = TrainConfig(seed=args.seed, vision_steps=args.vision_steps, steps=args.steps, threads=args.threads)
+    config = TrainConfig(
+        seed=args.seed,
+        vision_steps=args.vision_steps,
+        steps=args.steps,
+        grounding_weight=args.grounding_weight,
+        targeted_grounding_from=args.targeted_grounding_from,
+        threads=args.threads,
+    )
     trainer = Trainer(args.out, config)
     if trainer.step:
         print(f"resuming {args.out} at step {trainer.step} of {trainer.total_steps}")

@@ -52,8 +52,8 @@ class TrainConfig:
     """Everything that determines a training run; saved beside its checkpoints."""
 
     seed: int = 0
-    vision_steps: int = 800
-    steps: int = 5000
+    vision_steps: int = 2500
+    steps: int = 4000
     images_per_step: int = 16
     questions_per_image: int = 2
     lr: float = 1e-3
@@ -62,8 +62,11 @@ class TrainConfig:
     decay_from: float = 0.35
     locate_share: float = 0.25
     aux_weight: float = 0.3
-    grounding_weight: float = 1.0
+    grounding_weight: float = 0.5
     grounding_layer: int = 1
+    targeted_grounding_from: int = 1100
+    """Stage-2 step from which digit questions ground on the tag patch and "is there" questions on their object;
+    before it, digit questions ground on the object's whole cell and "is there" questions not at all."""
     checkpoint_every: int = 200
     eval_every: int = 500
     eval_samples: int = 300
@@ -258,7 +261,8 @@ class Trainer:
                 if locate:
                     answer = " ".join(str(v) for v in region.to_grid())
                     question = LOCATE_INSTRUCTION.format(question=question)
-                cells = [] if target is None else _grounding_patches(objects[target], kind, locate)
+                targeted = step - c.vision_steps >= c.targeted_grounding_from
+                cells = [] if target is None else _grounding_patches(objects[target], kind, locate, targeted)
                 items.append((image_index, question, answer, cells, kind))
         return self._encode(batch, items)
 
@@ -314,9 +318,12 @@ class Trainer:
             log.write(json.dumps(record) + "\n")
 
 
-def _grounding_patches(obj: SceneObject, kind: str, locate: bool) -> list[int]:
-    """Where the last prompt token should look: the tag patch to read a digit, the object's cell otherwise."""
-    box = obj.tag_box if kind == "detail" and not locate else obj.box
+def _grounding_patches(obj: SceneObject, kind: str, locate: bool, targeted: bool) -> list[int]:
+    """Where the last prompt token should look: the tag patch to read a digit, the object's cell otherwise
+    (before `targeted`: the cell for digits too, nothing for "is there" questions)."""
+    if not targeted and kind == "wide":
+        return []
+    box = obj.tag_box if kind == "detail" and not locate and targeted else obj.box
     x0, y0, x1, y1 = (v // PATCH for v in box)
     return [row * SIDE + col for row in range(y0, y1) for col in range(x0, x1)]
 
