@@ -79,11 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--vision-steps", type=int, default=2500, help="stage 1: vision tower on per-patch heads")
     train.add_argument("--steps", type=int, default=4000, help="stage 2: questions and localization")
-    train.add_argument("--grounding-weight", type=float, default=1.0)
+    train.add_argument("--grounding-weight", type=float, default=0.5)
     train.add_argument(
         "--targeted-grounding-from",
         type=int,
-        default=0,
+        default=1100,
         help="stage-2 step from which digit questions ground on the tag patch",
     )
     train.add_argument("--threads", type=int, default=2)
