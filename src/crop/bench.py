@@ -258,20 +258,21 @@ def run(
 
 def _measure(model: Any, inputs: dict, case: Case, shape: Shape, new_tokens: int, device: str) -> dict[str, float]:
     if case.ideal_tokens is not None:
-        prefill_call, generate_call = _ideal_calls(model, inputs, case.ideal_tokens, new_tokens + 1)
+        prefill_call, generate_call = _ideal_calls(model, inputs, case.ideal_tokens)
         per_layer = [case.ideal_tokens] * shape.llm_layers
     else:
         method = case.method() if case.method is not None else CROP(None, None)
         pruned = crop.apply(model, None, method=method)
         regions = [case.region or Region.full()]
         prefill_call = lambda: pruned(**inputs, regions=regions, use_cache=True)  # noqa: E731
-        generate_call = lambda: pruned.generate(  # noqa: E731
-            **inputs, regions=regions, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False
+        generate_call = lambda steps: pruned.generate(  # noqa: E731
+            **inputs, regions=regions, max_new_tokens=steps, min_new_tokens=steps, do_sample=False
         )
     try:
         with torch.inference_mode(), PeakMemory(device) as memory:
             prefill, output = timed(prefill_call, device)
-        generate, _ = timed(generate_call, device)
+        first_token, _ = timed(lambda: generate_call(1), device)
+        generate, _ = timed(lambda: generate_call(new_tokens + 1), device)
     finally:
         if case.ideal_tokens is None:
             pruned.remove()
@@ -282,7 +283,7 @@ def _measure(model: Any, inputs: dict, case: Case, shape: Shape, new_tokens: int
     tokens = [n + TEXT_TOKENS for n in per_layer]
     return {
         "prefill_s": prefill,
-        "decode_tokens_per_s": new_tokens / max(generate - prefill, 1e-9),
+        "decode_tokens_per_s": new_tokens / max(generate - first_token, 1e-9),
         "peak_memory_bytes": memory.peak,
         "kv_cache_bytes": measured_cache_bytes(cache),
         "kv_cache_bytes_analytic": kv_cache_bytes(shape, tokens, cache.layers[0].keys.dtype),
@@ -292,7 +293,7 @@ def _measure(model: Any, inputs: dict, case: Case, shape: Shape, new_tokens: int
     }
 
 
-def _ideal_calls(model: Any, inputs: dict, kept: int, steps: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
+def _ideal_calls(model: Any, inputs: dict, kept: int) -> tuple[Callable[[], Any], Callable[[int], Any]]:
     """The ideal at `kept` tokens: the image is encoded as usual, then the LLM gets only `kept` visual tokens
     (the first ones, taken without any selection work)."""
     config = model.config
@@ -315,7 +316,7 @@ def _ideal_calls(model: Any, inputs: dict, kept: int, steps: int) -> tuple[Calla
         with torch.inference_mode():
             return model(inputs_embeds=embeds(), attention_mask=mask, use_cache=True)
 
-    def generate() -> Any:
+    def generate(steps: int) -> Any:
         with torch.inference_mode():
             return model.generate(input_ids=short, inputs_embeds=embeds(), attention_mask=mask,
                                   max_new_tokens=steps, min_new_tokens=steps, do_sample=False)  # fmt: skip
