@@ -55,3 +55,16 @@ def unpadded_row(inputs: dict, row: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row `row`'s input ids without its left padding, and its pixel values."""
     real = inputs["attention_mask"][row].bool()
     return inputs["input_ids"][row][real][None], inputs["pixel_values"][row : row + 1]
+
+
+def greedy_by_recompute(pruned, inputs: dict, regions, steps: int) -> torch.Tensor:
+    """Greedy decoding that runs the whole pruned prompt plus the tokens so far again at every step, no cache."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    for _ in range(steps):
+        output, _ = pruned(
+            input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"], regions=regions, use_cache=False
+        )
+        next_token = output.logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, next_token], dim=1)
+        mask = torch.cat([mask, torch.ones_like(next_token)], dim=1)
+    return ids

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import batch_inputs
-from reference import merged_embeddings, run_layers, unpadded_row
+from reference import greedy_by_recompute, merged_embeddings, run_layers, unpadded_row
 
 import crop
 from crop.region import Region
@@ -84,18 +84,7 @@ def test_generation_with_cache_equals_recomputing_prefix(model, processor, batch
         sequences, _ = pruned.generate(
             **inputs, regions=regions, max_new_tokens=steps, do_sample=False, min_new_tokens=steps
         )
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        for _ in range(steps):
-            output, _ = pruned(
-                input_ids=ids,
-                attention_mask=mask,
-                pixel_values=inputs["pixel_values"],
-                regions=regions,
-                use_cache=False,
-            )
-            next_token = output.logits[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, next_token], dim=1)
-            mask = torch.cat([mask, torch.ones_like(next_token)], dim=1)
+        ids = greedy_by_recompute(pruned, inputs, regions, steps)
     finally:
         pruned.remove()
     assert torch.equal(sequences, ids)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import batch_inputs
-from reference import merged_embeddings, run_layers, unpadded_row
+from reference import greedy_by_recompute, merged_embeddings, run_layers, unpadded_row
 
 import crop
 from crop.errors import ConfigError
@@ -137,18 +137,7 @@ def test_plc_generation_with_cache_equals_recomputing(sdpa_model, processor):
     pruned = crop.apply(sdpa_model, processor, ilp=2, plc=4)
     try:
         sequences, _ = pruned.generate(**inputs, regions=regions, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        for _ in range(4):
-            output, _ = pruned(
-                input_ids=ids,
-                attention_mask=mask,
-                pixel_values=inputs["pixel_values"],
-                regions=regions,
-                use_cache=False,
-            )
-            next_token = output.logits[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, next_token], 1)
-            mask = torch.cat([mask, torch.ones_like(next_token)], 1)
+        ids = greedy_by_recompute(pruned, inputs, regions, 4)
     finally:
         pruned.remove()
     assert torch.equal(sequences, ids)

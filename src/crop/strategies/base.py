@@ -100,3 +100,27 @@ def keep_cells(
     keep = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
     keep[cells] = True
     return Selection(None, keep, state.view(shape))
+
+
+class LastTokenRanking(Method):
+    """Dynamic methods that keep, at each stage, the tokens the last prompt token attends to most (mean over
+    heads) in the layer before the stage; subclasses say how many remain after each stage (`kept_after`)."""
+
+    dynamic = True
+
+    def kept_after(self, stage: int, grid_tokens: int) -> int:
+        raise NotImplementedError
+
+    def select(
+        self, features: torch.Tensor | None, shape: tuple[int, int], inside: torch.Tensor | None, row: int
+    ) -> Selection:
+        """Nothing is known before the forward: every cell is provisionally kept."""
+        count = shape[0] * shape[1]
+        return Selection(None, torch.ones(count, dtype=torch.bool), torch.full(shape, FINE, dtype=torch.long))
+
+    def rank(self, stage: int, attention: torch.Tensor, cells: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        scores = attention.float().mean(0)
+        count = min(scores.numel(), self.kept_after(stage, shape[0] * shape[1]))
+        keep = torch.zeros(scores.numel(), dtype=torch.bool)
+        keep[scores.topk(count).indices.cpu()] = True
+        return keep

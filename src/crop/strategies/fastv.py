@@ -7,18 +7,14 @@ queries and keys for that one row, so the model keeps its SDPA (or any) attentio
 
 from __future__ import annotations
 
-import torch
-
 from crop.errors import ConfigError
-from crop.stats import FINE
-from crop.strategies.base import Method, Selection, check_budget
+from crop.strategies.base import LastTokenRanking, check_budget
 
 
-class FastV(Method):
+class FastV(LastTokenRanking):
     """Keep `budget` visual tokens (or `keep_ratio` of them) from layer K (default 2) on, ranked at layer K-1."""
 
     name = "fastv"
-    dynamic = True
 
     def __init__(self, budget: int | None = None, keep_ratio: float | None = None, layer: int = 2) -> None:
         if (budget is None) == (keep_ratio is None):
@@ -31,23 +27,10 @@ class FastV(Method):
 
     def validate(self, num_layers: int, grid_tokens: int) -> None:
         super().validate(num_layers, grid_tokens)
-        check_budget(self.name, self.kept(grid_tokens), grid_tokens)
+        check_budget(self.name, self.kept_after(0, grid_tokens), grid_tokens)
 
-    def kept(self, grid_tokens: int) -> int:
+    def kept_after(self, stage: int, grid_tokens: int) -> int:
         return self.budget if self.budget is not None else max(1, round(grid_tokens * self.keep_ratio))
-
-    def select(
-        self, features: torch.Tensor | None, shape: tuple[int, int], inside: torch.Tensor | None, row: int
-    ) -> Selection:
-        """Nothing is known before the forward: every cell is provisionally kept."""
-        count = shape[0] * shape[1]
-        return Selection(None, torch.ones(count, dtype=torch.bool), torch.full(shape, FINE, dtype=torch.long))
-
-    def rank(self, stage: int, attention: torch.Tensor, cells: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-        scores = attention.float().mean(0)
-        keep = torch.zeros(scores.numel(), dtype=torch.bool)
-        keep[scores.topk(self.kept(shape[0] * shape[1])).indices.cpu()] = True
-        return keep
 
     def describe(self) -> str:
         amount = self.budget if self.budget is not None else f"{self.keep_ratio:.0%}"

@@ -9,18 +9,14 @@ and keys, so the model keeps SDPA.
 
 from __future__ import annotations
 
-import torch
-
 from crop.errors import ConfigError
-from crop.stats import FINE
-from crop.strategies.base import Method, Selection, check_budget
+from crop.strategies.base import LastTokenRanking, check_budget
 
 
-class PyramidDrop(Method):
+class PyramidDrop(LastTokenRanking):
     """Staged dropping at `layers` keeping `ratio` of the remaining visual tokens each time (or a final `budget`)."""
 
     name = "pyramiddrop"
-    dynamic = True
 
     def __init__(
         self, layers: tuple[int, ...] | None = None, ratio: float | None = 0.5, budget: int | None = None
@@ -58,19 +54,6 @@ class PyramidDrop(Method):
             share = (self.budget / grid_tokens) ** ((stage + 1) / stages)
             return self.budget if stage == stages - 1 else max(self.budget, round(grid_tokens * share))
         return max(1, round(grid_tokens * self.ratio ** (stage + 1)))
-
-    def select(
-        self, features: torch.Tensor | None, shape: tuple[int, int], inside: torch.Tensor | None, row: int
-    ) -> Selection:
-        count = shape[0] * shape[1]
-        return Selection(None, torch.ones(count, dtype=torch.bool), torch.full(shape, FINE, dtype=torch.long))
-
-    def rank(self, stage: int, attention: torch.Tensor, cells: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-        scores = attention.float().mean(0)
-        count = min(scores.numel(), self.kept_after(stage, shape[0] * shape[1]))
-        keep = torch.zeros(scores.numel(), dtype=torch.bool)
-        keep[scores.topk(count).indices.cpu()] = True
-        return keep
 
     def describe(self) -> str:
         amount = f"budget {self.budget}" if self.budget is not None else f"ratio {self.ratio}"
