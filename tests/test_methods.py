@@ -297,3 +297,17 @@ def test_methods_by_name(sdpa_model, processor):
         assert stats.rows[0].kept_tokens == 16, name
     with pytest.raises(ConfigError, match="unknown method 'fast'"):
         crop.apply(sdpa_model, processor, method="fast", budget=16)
+
+
+def test_visionzip_original_positions(sdpa_model, processor):
+    from crop.strategies.visionzip import VisionZip
+
+    inputs = batch_inputs(processor, 1)
+    pruned = crop.apply(sdpa_model, processor, method=VisionZip(20, position="original"))
+    compact = crop.apply(sdpa_model, processor, method=VisionZip(20))
+    original_out, _ = pruned(**inputs)
+    compact_out, _ = compact(**inputs)
+    assert original_out.logits.shape == compact_out.logits.shape
+    assert not torch.allclose(original_out.logits[0, -1], compact_out.logits[0, -1])
+    with pytest.raises(ConfigError, match="position"):
+        VisionZip(20, position="middle")

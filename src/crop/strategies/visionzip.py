@@ -25,12 +25,19 @@ CONTEXTUAL_SHARE = 10 / 64
 
 
 class VisionZip(Method):
-    """Keep `budget` tokens: `budget - contextual` dominant (CLS included) and `contextual` merged ones."""
+    """Keep `budget` tokens: `budget - contextual` dominant (CLS included) and `contextual` merged ones.
+
+    `position="original"` gives each token the position id of its patch (a contextual token: its target's)
+    instead of renumbering them.
+    """
 
     name = "visionzip"
     position = "compact"
 
-    def __init__(self, budget: int, contextual: int | None = None) -> None:
+    def __init__(self, budget: int, contextual: int | None = None, position: str = "compact") -> None:
+        if position not in ("compact", "original"):
+            raise ConfigError(f"VisionZip position must be 'compact' (the authors') or 'original', got {position!r}")
+        self.position = position
         self.budget = budget
         self.contextual = round(budget * CONTEXTUAL_SHARE) if contextual is None else contextual
         if not 0 <= self.contextual < budget:
