@@ -18,6 +18,18 @@ def checkpoint(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("tiny-llava"))
 
 
+@pytest.fixture
+def image_path(tmp_path):
+    path = tmp_path / "scene.png"
+    make_image().save(path)
+    return path
+
+
+def ask(model, image, *options: str) -> list[str]:
+    """`crop ask` arguments for one question about `image` with `model`, plus `options`."""
+    return ["ask", "--model", str(model), "--image", str(image), "--question", "what ?", *options]
+
+
 def test_ask_writes_overlay(checkpoint, tmp_path, capsys):
     image_path = tmp_path / "scene.png"
     make_image(240, 180).save(image_path)
@@ -51,28 +63,9 @@ def test_ask_writes_overlay(checkpoint, tmp_path, capsys):
         assert drawn.size == (240, 180)
 
 
-def test_ask_with_plc(checkpoint, tmp_path, capsys):
-    image_path = tmp_path / "scene.png"
-    make_image().save(image_path)
+def test_ask_with_plc(checkpoint, image_path, capsys):
     code = main(
-        [
-            "ask",
-            "--model",
-            str(checkpoint),
-            "--image",
-            str(image_path),
-            "--question",
-            "what ?",
-            "--region",
-            "0",
-            "0",
-            "3",
-            "3",
-            "--plc-ratio",
-            "4",
-            "--max-new-tokens",
-            "2",
-        ]
+        ask(checkpoint, image_path, "--region", "0", "0", "3", "3", "--plc-ratio", "4", "--max-new-tokens", "2")
     )
     assert code == 0
     assert "44 into the LLM, 36 kept" in capsys.readouterr().out
@@ -89,34 +82,15 @@ def test_ask_with_plc(checkpoint, tmp_path, capsys):
         ),
     ],
 )
-def test_ask_bad_input_is_a_clear_error(checkpoint, tmp_path, capsys, argv, message):
-    image_path = tmp_path / "scene.png"
-    make_image().save(image_path)
+def test_ask_bad_input_is_a_clear_error(checkpoint, image_path, capsys, argv, message):
     argv = [str(image_path) if a == "IMAGE" else a for a in argv]
     code = main(["ask", "--model", str(checkpoint), "--question", "what ?", *argv])
     assert code == 2
     assert message in capsys.readouterr().err
 
 
-def test_ask_unloadable_model(tmp_path, capsys):
-    image_path = tmp_path / "scene.png"
-    make_image().save(image_path)
-    code = main(
-        [
-            "ask",
-            "--model",
-            str(tmp_path / "no-model"),
-            "--image",
-            str(image_path),
-            "--question",
-            "q",
-            "--region",
-            "0",
-            "0",
-            "1",
-            "1",
-        ]
-    )
+def test_ask_unloadable_model(tmp_path, image_path, capsys):
+    code = main(ask(tmp_path / "no-model", image_path, "--region", "0", "0", "1", "1"))
     assert code == 2
     assert "cannot load a vision-language model" in capsys.readouterr().err
 
@@ -137,25 +111,9 @@ def test_demo_runs_offline_as_a_command(tmp_path):
     assert (tmp_path / "demo.png").is_file()
 
 
-def test_ask_with_a_localizer_checkpoint(checkpoint, tmp_path, capsys):
+def test_ask_with_a_localizer_checkpoint(checkpoint, image_path, capsys):
     """`--localizer` loads a VLM with GridVLMLocalizer.from_pretrained; random weights make it fall back."""
-    image_path = tmp_path / "scene.png"
-    make_image().save(image_path)
-    code = main(
-        [
-            "ask",
-            "--model",
-            str(checkpoint),
-            "--image",
-            str(image_path),
-            "--question",
-            "what ?",
-            "--localizer",
-            str(checkpoint),
-            "--max-new-tokens",
-            "2",
-        ]
-    )
+    code = main(ask(checkpoint, image_path, "--localizer", str(checkpoint), "--max-new-tokens", "2"))
     out = capsys.readouterr().out
     assert code == 0
     assert "region: Region(" in out
@@ -163,24 +121,12 @@ def test_ask_with_a_localizer_checkpoint(checkpoint, tmp_path, capsys):
         assert "144 kept after layer K" in out
 
 
-def test_methods_are_listed_and_selectable(checkpoint, tmp_path, capsys):
+def test_methods_are_listed_and_selectable(checkpoint, image_path, capsys):
     assert main(["methods"]) == 0
     listing = capsys.readouterr().out
     for name in ("crop", "fastv", "random", "pool"):
         assert name in listing
-    image_path = tmp_path / "scene.png"
-    make_image().save(image_path)
-    base = [
-        "ask",
-        "--model",
-        str(checkpoint),
-        "--image",
-        str(image_path),
-        "--question",
-        "what ?",
-        "--max-new-tokens",
-        "2",
-    ]
+    base = ask(checkpoint, image_path, "--max-new-tokens", "2")
     assert main([*base, "--method", "fastv", "--budget", "20"]) == 0
     assert "20 kept after layer K" in capsys.readouterr().out
     assert main([*base, "--method", "pool", "--budget", "16"]) == 0
