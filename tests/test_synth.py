@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from crop.synth.model import build_synth_processor
@@ -49,13 +50,24 @@ def test_training_pixels_equal_the_processor():
 
 
 def test_training_runs_and_resumes(tmp_path):
-    config = dict(vision_steps=1, images_per_step=2, checkpoint_every=2, eval_every=2, eval_samples=4)
-    trainer = Trainer(tmp_path, TrainConfig(steps=1, **config))
+    config = dict(vision_steps=1, images_per_step=2, checkpoint_every=2, eval_every=2, eval_samples=4, steps=1)
+    trainer = Trainer(tmp_path, TrainConfig(refine_steps=0, **config))
     trainer.run()
     assert (tmp_path / "model" / "config.json").is_file()
-    resumed = Trainer(tmp_path, TrainConfig(steps=2, **config))
+    resumed = Trainer(tmp_path, TrainConfig(refine_steps=1, **config))
     assert resumed.step == 2
     resumed.run()
     assert resumed.step == 3
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert any("eval" in record for record in log)
+
+
+def test_learning_rate_restarts_lower_for_the_refine_stage(tmp_path):
+    config = TrainConfig(vision_steps=10, steps=100, refine_steps=100, warmup=5, lr=1e-3, refine_lr=3e-4, min_lr=1e-5)
+    trainer = Trainer(tmp_path, config)
+    end_of_stage_2 = trainer.lr_at(109)
+    refine = [trainer.lr_at(step) for step in range(110, 210)]
+    assert end_of_stage_2 < 2e-5
+    assert max(refine) == pytest.approx(3e-4)
+    assert refine[4] == pytest.approx(3e-4) and refine[-1] < 2e-5
+    assert all(a >= b for a, b in zip(refine[4:], refine[5:]))

@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--vision-steps", type=int, default=2500, help="stage 1: vision tower on per-patch heads")
     train.add_argument("--steps", type=int, default=4000, help="stage 2: questions and localization")
+    train.add_argument(
+        "--refine-steps", type=int, default=2500, help="stage 3: the stage-2 mix after a warm restart at a lower lr"
+    )
     train.add_argument("--grounding-weight", type=float, default=0.5)
     train.add_argument(
         "--targeted-grounding-from",
@@ -221,6 +224,7 @@ def _run_synth_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         vision_steps=args.vision_steps,
         steps=args.steps,
+        refine_steps=args.refine_steps,
         grounding_weight=args.grounding_weight,
         targeted_grounding_from=args.targeted_grounding_from,
         threads=args.threads,

@@ -60,6 +60,10 @@ class TrainConfig:
     min_lr: float = 5e-5
     warmup: int = 150
     decay_from: float = 0.35
+    refine_steps: int = 2500
+    """Stage 3: the stage-2 mix again after a warm restart at `refine_lr`, cosine to `min_lr`. Stage 2's decay starts
+    before binding breaks out; this second, gentler cycle lets detail questions keep improving."""
+    refine_lr: float = 3e-4
     locate_share: float = 0.25
     aux_weight: float = 0.3
     grounding_weight: float = 0.5
@@ -150,11 +154,19 @@ class Trainer:
 
     @property
     def total_steps(self) -> int:
-        return self.config.vision_steps + self.config.steps
+        return self.config.vision_steps + self.config.steps + self.config.refine_steps
 
     def lr_at(self, step: int) -> float:
-        """Warm-up, constant until `decay_from` of the stage, then cosine to `min_lr` (per stage)."""
+        """Stages 1-2: warm-up, constant until `decay_from` of the stage, then cosine to `min_lr`.
+        Stage 3: warm-up to `refine_lr`, then cosine to `min_lr`."""
         c = self.config
+        refine_start = c.vision_steps + c.steps
+        if step >= refine_start:
+            stage_step = step - refine_start
+            if stage_step < c.warmup:
+                return c.refine_lr * (stage_step + 1) / c.warmup
+            progress = (stage_step - c.warmup) / max(1, c.refine_steps - c.warmup)
+            return c.min_lr + 0.5 * (c.refine_lr - c.min_lr) * (1 + math.cos(math.pi * progress))
         stage_step, stage_len = (step, c.vision_steps) if step < c.vision_steps else (step - c.vision_steps, c.steps)
         if stage_step < c.warmup:
             return c.lr * (stage_step + 1) / c.warmup
