@@ -70,4 +70,4 @@ def test_learning_rate_restarts_lower_for_the_refine_stage(tmp_path):
     assert end_of_stage_2 < 2e-5
     assert max(refine) == pytest.approx(3e-4)
     assert refine[4] == pytest.approx(3e-4) and refine[-1] < 2e-5
-    assert all(a >= b for a, b in zip(refine[4:], refine[5:]))
+    assert all(a >= b for a, b in zip(refine[4:-1], refine[5:], strict=True))

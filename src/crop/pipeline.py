@@ -207,23 +207,53 @@ class CropModel:
         cell_of: torch.Tensor,
         shape: tuple[int, int],
     ) -> PlanBuilder:
-        """For dynamic methods: at prefill, rank each row's remaining grid tokens by the last token's attention
-        in the layer before the stage, and keep what the method chooses (text and other tokens stay)."""
+        """For dynamic methods: at prefill, rank each row's remaining grid tokens by the attention its query rows
+        (the last token, or the method's text raters) pay them in the layer before the stage, keep what the
+        method chooses and merge what it recycles (text and other tokens stay)."""
         layer = self.adapter.decoder_layers()[self.method.stage_layers[stage] - 1]
 
-        def build(hidden: torch.Tensor, kwargs: dict[str, Any], current: Layout) -> KeepPlan:
-            attention = self.adapter.last_token_attention(layer, hidden, kwargs)
-            repeat = attention.shape[0] // input_ids.shape[0]
+        def build(
+            hidden: torch.Tensor, kwargs: dict[str, Any], current: Layout, stage_hidden: torch.Tensor
+        ) -> KeepPlan:
+            repeat = hidden.shape[0] // input_ids.shape[0]
+            if self.method.queries == "raters":
+                weights = self._rater_weights(cell_of).repeat_interleave(repeat, 0)
+                attention = self.adapter.query_attention(layer, hidden, kwargs, weights.shape[1])
+                attention = (attention * weights[:, None, :, None]).sum(2) / weights.sum(1)[:, None, None]
+            else:
+                attention = self.adapter.query_attention(layer, hidden, kwargs)[:, :, 0]
             real = attention_mask.bool().repeat_interleave(repeat, 0).gather(1, current.index)
             keep = current.valid & real
             cells = cell_of.repeat_interleave(repeat, 0).gather(1, current.index).masked_fill(~keep, -1)
+            merges = []
             for row in range(0, attention.shape[0], repeat):
                 grid = (cells[row] >= 0).nonzero().squeeze(1)
-                chosen = self.method.rank(stage, attention[row][:, grid], cells[row, grid], shape)
-                keep[row : row + repeat, grid[~chosen.to(grid.device)]] = False
-            return KeepPlan.from_keep(keep)
+                chosen = self.method.rank(stage, attention[row][:, grid], cells[row, grid], shape).to(grid.device)
+                groups = self.method.recycle(stage, attention[row][:, grid], chosen, stage_hidden[row, grid])
+                keep[row : row + repeat, grid[~chosen]] = False
+                for group in groups:
+                    centre, members = int(grid[group[0]]), grid[group.to(grid.device)]
+                    keep[row : row + repeat, centre] = True
+                    merges += [(row + r, centre, members) for r in range(repeat)]
+            return KeepPlan.from_keep(keep, merges)
 
         return build
+
+    def _rater_weights(self, cell_of: torch.Tensor) -> torch.Tensor:
+        """`(batch, count)` 0/1 weights over the last `count` prompt positions: the text raters the method picks
+        from each row's prompt embeddings (grid tokens against the text after the image)."""
+        embeddings = self._hooks.embeddings
+        batch, length = cell_of.shape
+        repeat = embeddings.shape[0] // batch
+        last_visual = [int((cell_of[row] >= 0).nonzero().max()) for row in range(batch)]
+        count = length - 1 - min(last_visual)
+        weights = torch.zeros(batch, count)
+        for row in range(batch):
+            grid = (cell_of[row] >= 0).nonzero().squeeze(1)
+            text = embeddings[row * repeat, last_visual[row] + 1 :]
+            chosen = self.method.raters(embeddings[row * repeat, grid], text)
+            weights[row, count - text.shape[0] :] = chosen.float()
+        return weights.to(embeddings.device)
 
     def _stats(
         self,

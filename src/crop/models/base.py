@@ -80,9 +80,12 @@ class ModelAdapter(ABC):
         """Input embeddings with `features[b]` written over row b's image placeholders."""
 
     @abstractmethod
-    def last_token_attention(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-        """Attention probabilities `(batch, heads, length)` of the last position's query in decoder `layer`,
-        given the layer's inputs, computed from its queries and keys for that one row (no eager attention)."""
+    def query_attention(
+        self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], count: int = 1
+    ) -> torch.Tensor:
+        """Attention probabilities `(batch, heads, count, length)` of the last `count` positions' queries in
+        decoder `layer`, given the layer's inputs, computed from its queries and keys for those rows only (the
+        model keeps its attention backend)."""
 
     def vision_internals(self, pixel_values: torch.Tensor) -> VisionInternals:
         """The vision tower's feature-layer states with the CLS token's attention and keys (for VisionZip)."""

@@ -71,22 +71,30 @@ class LlavaAdapter(ModelAdapter):
         flat = torch.cat(list(features)).to(embeds.dtype)
         return embeds.masked_scatter(placeholders, flat)
 
-    def last_token_attention(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    def query_attention(
+        self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], count: int = 1
+    ) -> torch.Tensor:
         attention = layer.self_attn
         batch, length, _ = hidden.shape
         normed = layer.input_layernorm(hidden)
-        query = attention.q_proj(normed[:, -1:]).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
+        query = attention.q_proj(normed[:, -count:]).view(batch, count, -1, attention.head_dim).transpose(1, 2)
         key = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
         cos, sin = kwargs["position_embeddings"]
-        query, _ = apply_rotary_pos_emb(query, query, cos[:, -1:], sin[:, -1:])
+        query, _ = apply_rotary_pos_emb(query, query, cos[:, -count:], sin[:, -count:])
         _, key = apply_rotary_pos_emb(key, key, cos, sin)
         key = repeat_kv(key, attention.num_key_value_groups)
         scores = (query @ key.transpose(-1, -2)).float() * attention.scaling
         mask = kwargs.get("attention_mask")
         if mask is not None:
-            row = mask[:, :, -1:, :length]
-            scores = scores + (torch.where(row, 0.0, float("-inf")) if row.dtype == torch.bool else row.float())
-        return scores.softmax(-1)[:, :, 0]
+            rows = mask[:, :, -count:, :length]
+            scores = scores + (torch.where(rows, 0.0, float("-inf")) if rows.dtype == torch.bool else rows.float())
+        else:
+            causal = (
+                torch.arange(length, device=hidden.device)[None, :]
+                <= torch.arange(length - count, length, device=hidden.device)[:, None]
+            )
+            scores = scores.masked_fill(~causal, float("-inf"))
+        return scores.softmax(-1)
 
     def vision_internals(self, pixel_values: torch.Tensor) -> VisionInternals:
         config = self.model.config

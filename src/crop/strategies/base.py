@@ -41,6 +41,9 @@ class Method(ABC):
     position: str = "original"
     dynamic: bool = False
     """True for methods that choose during prefill (`rank`) from the attention of the layer before each stage."""
+    queries: str = "last"
+    """Dynamic methods: whose attention ranks the visual tokens, the last prompt token's ("last") or that of the
+    text tokens `raters` picks ("raters"), averaged over those rows."""
 
     @property
     def stage_layers(self) -> tuple[int, ...]:
@@ -51,6 +54,18 @@ class Method(ABC):
         """Dynamic methods: which of one row's remaining grid tokens (raster `cells`) stage `stage` keeps, given
         the last token's `(heads, tokens)` attention to them in the layer before the stage."""
         raise NotImplementedError(f"{self.name} is not a dynamic method")
+
+    def recycle(
+        self, stage: int, attention: torch.Tensor, keep: torch.Tensor, hidden: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Dynamic methods that merge dropped tokens: groups of indices (into the ranked tokens, centre first)
+        whose mean hidden state (`hidden`: the stage's input) replaces the centre's. None by default."""
+        return []
+
+    def raters(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Methods with `queries == "raters"`: which text tokens (`text`: their prompt embeddings) rate the
+        visual tokens (`visual`: the grid's embeddings)."""
+        raise NotImplementedError(f"{self.name} does not rank with text raters")
 
     @property
     def acts_before_llm(self) -> bool:

@@ -43,17 +43,24 @@ class KeepPlan:
     """Which prompt positions each row keeps from layer K on, laid out left-padded.
 
     `gather_index[b, j]` is the prompt position of row b's j-th kept token (0 for pads), `valid[b, j]` is False
-    for pads. `full_length` is the prompt length the first layers see.
+    for pads. `full_length` is the prompt length the first layers see. `merges` holds `(row, position, members)`:
+    the kept token at `position` carries the mean hidden state of the `members` positions (methods that recycle
+    dropped tokens into merged ones; the merged token keeps `position`'s rotary position).
     """
 
     gather_index: torch.Tensor
     valid: torch.Tensor
     full_length: int
+    merges: tuple[tuple[int, int, torch.Tensor], ...] = ()
     _masks: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_keep(cls, keep: torch.Tensor) -> KeepPlan:
-        """From a boolean `(batch, length)` tensor marking the prompt positions each row keeps."""
+    def from_keep(cls, keep: torch.Tensor, merges: Sequence[tuple[int, int, torch.Tensor]] = ()) -> KeepPlan:
+        """From a boolean `(batch, length)` tensor marking the prompt positions each row keeps (and `merges`,
+        whose positions must be kept)."""
+        for row, position, _ in merges:
+            if not keep[row, position]:
+                raise ValueError(f"merged token at position {position} of row {row} is not kept")
         counts = keep.sum(dim=1)
         width = int(counts.max())
         batch, length = keep.shape
@@ -63,7 +70,7 @@ class KeepPlan:
             kept = keep[row].nonzero().squeeze(1)
             gather_index[row, width - kept.numel() :] = kept
             valid[row, width - kept.numel() :] = True
-        return cls(gather_index, valid, length)
+        return cls(gather_index, valid, length, tuple(merges))
 
     @property
     def has_pads(self) -> bool:
@@ -77,15 +84,25 @@ class KeepPlan:
         if batch % rows:
             raise ConfigError(f"batch of {batch} rows does not match a pruning plan made for {rows} rows")
         repeat = batch // rows
+        merges = tuple((row * repeat + r, p, m) for row, p, m in self.merges for r in range(repeat))
         return KeepPlan(
             self.gather_index.repeat_interleave(repeat, 0),
             self.valid.repeat_interleave(repeat, 0),
             self.full_length,
+            merges,
         )
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Take the kept positions of a `(batch or 1, full_length, ...)` tensor along dim 1."""
         return _take(tensor, self.gather_index)
+
+    def reduce(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden states of the kept tokens, merged tokens replaced by the mean of their members."""
+        reduced = self.gather(hidden)
+        for row, position, members in self.merges:
+            slot = int((self.gather_index[row] == position).nonzero()[-1])
+            reduced[row, slot] = hidden[row, members.to(hidden.device)].mean(0)
+        return reduced
 
     def prefill_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """Additive `(batch, 1, kept, kept)` causal mask over the kept tokens; pad rows attend to themselves."""
@@ -139,9 +156,10 @@ class Layout:
         return Layout(self.index.gather(1, plan.gather_index), plan.valid)
 
 
-PlanBuilder = Callable[[torch.Tensor, dict[str, Any], Layout], KeepPlan]
-"""Builds a stage's plan at prefill from the observed layer's input `(hidden_states, kwargs)` and its layout;
-the plan indexes that layout (methods that rank tokens by attention, like FastV, observe the layer before)."""
+PlanBuilder = Callable[[torch.Tensor, dict[str, Any], Layout, torch.Tensor], KeepPlan]
+"""Builds a stage's plan at prefill from the observed layer's input `(hidden_states, kwargs)`, the stage's layout
+and the hidden states entering the stage; the plan indexes that layout (methods that rank tokens by attention,
+like FastV, observe the layer before; methods that merge dropped tokens, like SparseVLM, read the stage input)."""
 
 
 class ILPHooks:
@@ -164,6 +182,8 @@ class ILPHooks:
         self._resolved: list[KeepPlan] = []
         self._layouts: list[Layout] = []
         self._observed: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
+        self.embeddings: torch.Tensor | None = None
+        """With `observe`: the current call's input of the first decoder layer at prefill (the prompt embeddings)."""
         first = self.stage_layers[0]
         self._handles = [
             layer.register_forward_pre_hook(self._make_hook(index), with_kwargs=True)
@@ -171,6 +191,7 @@ class ILPHooks:
             if index >= first
         ]
         if observe:
+            self._handles.append(layers[0].register_forward_pre_hook(self._observe_embeddings, with_kwargs=True))
             for stage, start in enumerate(self.stage_layers):
                 hook = self._make_observer(stage, start - 1)
                 self._handles.append(layers[start - 1].register_forward_pre_hook(hook, with_kwargs=True))
@@ -197,11 +218,16 @@ class ILPHooks:
             yield self
         finally:
             self._active, self._plans, self._resolved, self._layouts, self._observed = False, [], [], [], {}
+            self.embeddings = None
 
     @property
     def layouts(self) -> list[Layout]:
         """The current call's layouts so far: the full prompt, then one per resolved stage."""
         return list(self._layouts)
+
+    def _observe_embeddings(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._active and _past_length(kwargs, 0) == 0:
+            self.embeddings = args[0] if args else kwargs["hidden_states"]
 
     def _make_observer(self, stage: int, index: int) -> Callable[..., None]:
         def observe(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -231,7 +257,7 @@ class ILPHooks:
             if stage not in self._observed:
                 raise RuntimeError(f"pruning stage {stage}: its observed layer did not run before it")
             observed_hidden, observed_kwargs = self._observed.pop(stage)
-            plan = plan(observed_hidden, observed_kwargs, previous)
+            plan = plan(observed_hidden, observed_kwargs, previous, hidden)
         plan = plan.expand(hidden.shape[0])
         if hidden.shape[1] != plan.full_length:
             raise RuntimeError(f"pruning plan made for {plan.full_length} tokens, stage {stage} got {hidden.shape[1]}")
@@ -246,7 +272,7 @@ class ILPHooks:
         if past == 0:
             if index == self.stage_layers[stage]:
                 self._resolve(stage, hidden)
-                hidden = self._resolved[stage].gather(hidden)
+                hidden = self._resolved[stage].reduce(hidden)
             plan, layout = self._resolved[stage], self._layouts[stage + 1]
             cos, sin = kwargs["position_embeddings"]
             kwargs["position_embeddings"] = (_take(cos, layout.index), _take(sin, layout.index))

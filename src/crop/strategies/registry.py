@@ -14,6 +14,7 @@ from crop.strategies.plc import PLC
 from crop.strategies.pooling import UniformPooling
 from crop.strategies.pyramid_drop import PyramidDrop
 from crop.strategies.random_select import RandomSelection
+from crop.strategies.sparsevlm import SparseVLM
 from crop.strategies.visionzip import VisionZip
 
 
@@ -43,6 +44,9 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("pyramiddrop", "staged: at several layers keep the top share by last-token attention",
                    "inside the LLM at several layers", True,
                    lambda budget, layer, plc_ratio, seed: PyramidDrop(budget=budget)),
+        MethodInfo("sparsevlm", "staged: text raters' attention ranks tokens, dropped ones recycled into merged tokens",
+                   "inside the LLM at several layers", True,
+                   lambda budget, layer, plc_ratio, seed: SparseVLM(budget)),
         MethodInfo("visionzip", "dominant tokens by the vision CLS attention plus merged contextual tokens",
                    "before the LLM", True, lambda budget, layer, plc_ratio, seed: VisionZip(budget)),
         MethodInfo("random", "N tokens drawn at random (seeded)", "before the LLM", True,
