@@ -141,3 +141,17 @@ def test_sparsevlm_keeps_sdpa_and_checks_settings(sdpa_model, processor):
             crop.apply(sdpa_model, processor, method=bad)
     with pytest.raises(ConfigError, match="recycle_share"):
         SparseVLM(budget=10, recycle_share=2.0)
+
+
+def test_sparsevlm_beam_search_batch_equals_rows(sdpa_model, processor):
+    inputs = batch_inputs(processor, 2, padded=True)
+    pruned = crop.apply(sdpa_model, processor, method=SparseVLM(budget=20))
+    settings = dict(max_new_tokens=3, min_new_tokens=3, num_beams=2, do_sample=False)
+    try:
+        together, _ = pruned.generate(**inputs, **settings)
+        for row in range(2):
+            input_ids, pixel_values = unpadded_row(inputs, row)
+            alone, _ = pruned.generate(input_ids=input_ids, pixel_values=pixel_values, **settings)
+            assert torch.equal(together[row, -3:], alone[0, -3:])
+    finally:
+        pruned.remove()

@@ -31,6 +31,7 @@ from crop.strategies.ilp import ILP
 from crop.strategies.pooling import UniformPooling
 from crop.strategies.pyramid_drop import PyramidDrop
 from crop.strategies.random_select import RandomSelection
+from crop.strategies.sparsevlm import SparseVLM
 from crop.strategies.visionzip import VisionZip
 
 IMAGE_TOKEN = 32000
@@ -211,6 +212,7 @@ def cases(shape: Shape, budgets: list[int], region: Region) -> list[Case]:
             Case("crop-ilp", str(n), lambda n=n: CROP(ILP(2), budget=n), region),
             Case("fastv", str(n), lambda n=n: FastV(budget=n, layer=2)),
             Case("pyramiddrop", str(n), lambda n=n: PyramidDrop(budget=n)),
+            Case("sparsevlm", str(n), lambda n=n: SparseVLM(budget=n)),
             Case("visionzip", str(n), lambda n=n: VisionZip(n)),
             Case("random", str(n), lambda n=n: RandomSelection(n)),
             Case("pool", str(n), lambda n=n: UniformPooling(n)),

@@ -156,9 +156,10 @@ def _run_bench(args: argparse.Namespace) -> int:
 def _run_methods(args: argparse.Namespace) -> int:
     from crop.strategies.registry import METHODS
 
+    width = max(len(name) for name in METHODS)
     for info in METHODS.values():
         budget = "needs --budget" if info.needs_budget else "region-sized (or --budget)"
-        print(f"{info.name:8s} {info.summary}; acts {info.acts}; {budget}")
+        print(f"{info.name:{width}s}  {info.summary}; acts {info.acts}; {budget}")
     return 0
 
 

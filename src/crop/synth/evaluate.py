@@ -27,6 +27,7 @@ from crop.strategies.plc import PLC
 from crop.strategies.pooling import UniformPooling
 from crop.strategies.pyramid_drop import PyramidDrop
 from crop.strategies.random_select import RandomSelection
+from crop.strategies.sparsevlm import SparseVLM
 from crop.strategies.visionzip import VisionZip
 from crop.synth.model import LOCATE_INSTRUCTION
 from crop.synth.scene import KINDS, PATCH, Sample, make_sample
@@ -61,6 +62,7 @@ def variants(grid_tokens: int, layer: int = 2) -> list[Variant]:
             Variant("crop-ilp-budget", lambda n=n: CROP(ILP(layer), budget=n), "predicted", label),
             Variant("fastv", lambda n=n: FastV(budget=n, layer=layer), None, label),
             Variant("pyramiddrop", lambda n=n: PyramidDrop(budget=n), None, label),
+            Variant("sparsevlm", lambda n=n: SparseVLM(budget=n), None, label),
             Variant("visionzip", lambda n=n: VisionZip(n), None, label),
             Variant("random", lambda n=n: RandomSelection(n), None, label),
             Variant("pool", lambda n=n: UniformPooling(n), None, label),
@@ -225,7 +227,7 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     rows = results["variants"]
-    methods = (("crop-ilp-budget", "o"), ("fastv", "^"), ("pyramiddrop", "v"), ("visionzip", "D"),
+    methods = (("crop-ilp-budget", "o"), ("fastv", "^"), ("pyramiddrop", "v"), ("sparsevlm", "P"), ("visionzip", "D"),
                ("random", "x"), ("pool", "s"))  # fmt: skip
     for name, marker in methods:
         line = sorted((r["kept_tokens"], r["accuracy"]["all"]) for r in rows if r["name"] == name)
