@@ -8,7 +8,7 @@ from crop.errors import (
     RegionError,
     UnsupportedModelError,
 )
-from crop.localize import FixedLocalizer, GridVLMLocalizer, Localizer
+from crop.localize import AttentionLocalizer, FixedLocalizer, GridVLMLocalizer, Localizer
 from crop.pipeline import Answer, CropModel, apply, remove
 from crop.region import Region, Viewport
 from crop.stats import PruneStats, RowStats
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ILP",
+    "AttentionLocalizer",
     "PLC",
     "Answer",
     "ConfigError",

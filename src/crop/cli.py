@@ -42,7 +42,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar=("X0", "Y0", "X1", "Y1"),
         help="contextual region as an 8x8 grid box [xmin ymin xmax ymax], blocks 0..7",
     )
-    where.add_argument("--localizer", help="directory of a grid-box localizer VLM (GridVLMLocalizer)")
+    where.add_argument(
+        "--localizer",
+        help="directory of a grid-box localizer VLM (GridVLMLocalizer); 'attention': the model's own attention at "
+        "layer K-1 in a second pass (AttentionLocalizer); 'attention-fused': the same inside the pruned prefill",
+    )
     _add_pruning_args(ask)
     ask.add_argument("--overlay", type=Path, help="write the image with the region and kept tokens drawn (PNG)")
     ask.add_argument("--compare", action="store_true", help="also answer with all visual tokens")
@@ -166,13 +170,18 @@ def _run_methods(args: argparse.Namespace) -> int:
 def _run_ask(args: argparse.Namespace) -> int:
     from crop.image import load_image
     from crop.loading import load_model
-    from crop.localize import GridVLMLocalizer
+    from crop.localize import AttentionLocalizer, GridVLMLocalizer
     from crop.region import Region
     from crop.visualize import draw_overlay
 
     image = load_image(args.image)
     model, processor = load_model(args.model, attn_implementation=args.attn)
-    localizer = GridVLMLocalizer.from_pretrained(args.localizer) if args.localizer else None
+    if args.localizer == "attention-fused":
+        args.method, localizer = "crop-fused", None
+    elif args.localizer == "attention":
+        localizer = AttentionLocalizer(model, processor, layer=max(0, args.ilp_layer - 1))
+    else:
+        localizer = GridVLMLocalizer.from_pretrained(args.localizer) if args.localizer else None
     region = Region.from_grid(args.region) if args.region else None
     pruned = _crop_model(model, processor, args, localizer)
     answer = pruned.ask(image, args.question, region=region, max_new_tokens=args.max_new_tokens)

@@ -14,6 +14,7 @@ from PIL import Image
 from crop.errors import ConfigError, UnsupportedModelError
 from crop.image import load_image
 from crop.localize import FixedLocalizer, Localizer
+from crop.localize.attention import pool_rows, question_weights
 from crop.models import adapter_for
 from crop.prompting import build_prompt
 from crop.region import Region, Viewport
@@ -179,13 +180,14 @@ class CropModel:
         if "inputs_embeds" in inputs and not generating:
             del inputs["input_ids"]  # a forward takes ids or embeddings; generate takes both (ids for the output)
         layouts: list[Layout] = []
+        found: dict[int, Region] = {}
         cell_of = _cell_index(model_input_ids, attention_mask, self.adapter.image_token_id, layout.leading)
         if self._hooks is None:
             output = call(**inputs)
         else:
             if self.method.dynamic:
                 plans = [
-                    self._plan_builder(stage, model_input_ids, attention_mask, cell_of, shape)
+                    self._plan_builder(stage, model_input_ids, attention_mask, cell_of, shape, viewports, found)
                     for stage in range(len(self.method.stage_layers))
                 ]
             else:
@@ -193,6 +195,7 @@ class CropModel:
             with self._hooks.active(plans) as hooks:
                 output = call(**inputs)
                 layouts = hooks.layouts
+        regions = [found.get(b, region) for b, region in enumerate(regions)]
         is_visual = (model_input_ids == self.adapter.image_token_id) & attention_mask.bool()
         stats = self._stats(regions, viewports, selections, is_visual, cell_of, layouts, layout.num_tokens, shape)
         if localize_seconds is not None:
@@ -206,20 +209,23 @@ class CropModel:
         attention_mask: torch.Tensor,
         cell_of: torch.Tensor,
         shape: tuple[int, int],
+        viewports: list[Viewport],
+        found: dict[int, Region],
     ) -> PlanBuilder:
         """For dynamic methods: at prefill, rank each row's remaining grid tokens by the attention its query rows
         (the last token, or the method's text raters) pay them in the layer before the stage, keep what the
-        method chooses and merge what it recycles (text and other tokens stay)."""
+        method chooses and merge what it recycles (text and other tokens stay). Methods that locate the region
+        themselves record it in `found` (by row)."""
         layer = self.adapter.decoder_layers()[self.method.stage_layers[stage] - 1]
 
         def build(
             hidden: torch.Tensor, kwargs: dict[str, Any], current: Layout, stage_hidden: torch.Tensor
         ) -> KeepPlan:
             repeat = hidden.shape[0] // input_ids.shape[0]
-            if self.method.queries == "raters":
-                weights = self._rater_weights(cell_of).repeat_interleave(repeat, 0)
-                attention = self.adapter.query_attention(layer, hidden, kwargs, weights.shape[1])
-                attention = (attention * weights[:, None, :, None]).sum(2) / weights.sum(1)[:, None, None]
+            if self.method.queries in ("raters", "question"):
+                weights = self._rater_weights(cell_of) if self.method.queries == "raters" else question_weights(cell_of)
+                weights = weights.repeat_interleave(repeat, 0)
+                attention = pool_rows(self.adapter.query_attention(layer, hidden, kwargs, weights.shape[1]), weights)
             else:
                 attention = self.adapter.query_attention(layer, hidden, kwargs)[:, :, 0]
             real = attention_mask.bool().repeat_interleave(repeat, 0).gather(1, current.index)
@@ -228,7 +234,14 @@ class CropModel:
             merges = []
             for row in range(0, attention.shape[0], repeat):
                 grid = (cells[row] >= 0).nonzero().squeeze(1)
-                chosen = self.method.rank(stage, attention[row][:, grid], cells[row, grid], shape).to(grid.device)
+                if self.method.locates:
+                    region, chosen = self.method.locate(
+                        attention[row][:, grid], cells[row, grid], shape, viewports[row // repeat]
+                    )
+                    found[row // repeat] = region
+                else:
+                    chosen = self.method.rank(stage, attention[row][:, grid], cells[row, grid], shape)
+                chosen = chosen.to(grid.device)
                 groups = self.method.recycle(stage, attention[row][:, grid], chosen, stage_hidden[row, grid])
                 keep[row : row + repeat, grid[~chosen]] = False
                 for group in groups:
@@ -240,19 +253,16 @@ class CropModel:
         return build
 
     def _rater_weights(self, cell_of: torch.Tensor) -> torch.Tensor:
-        """`(batch, count)` 0/1 weights over the last `count` prompt positions: the text raters the method picks
-        from each row's prompt embeddings (grid tokens against the text after the image)."""
+        """`question_weights` restricted to the text raters the method picks from each row's prompt embeddings
+        (grid tokens against the text after the image)."""
+        weights = question_weights(cell_of)
         embeddings = self._hooks.embeddings
-        batch, length = cell_of.shape
-        repeat = embeddings.shape[0] // batch
-        last_visual = [int((cell_of[row] >= 0).nonzero().max()) for row in range(batch)]
-        count = length - 1 - min(last_visual)
-        weights = torch.zeros(batch, count)
-        for row in range(batch):
+        repeat = embeddings.shape[0] // cell_of.shape[0]
+        for row in range(cell_of.shape[0]):
+            text = int(weights[row].sum())
             grid = (cell_of[row] >= 0).nonzero().squeeze(1)
-            text = embeddings[row * repeat, last_visual[row] + 1 :]
-            chosen = self.method.raters(embeddings[row * repeat, grid], text)
-            weights[row, count - text.shape[0] :] = chosen.float()
+            chosen = self.method.raters(embeddings[row * repeat, grid], embeddings[row * repeat, -text:])
+            weights[row, -text:] = chosen.to(weights.dtype)
         return weights.to(embeddings.device)
 
     def _stats(

@@ -45,6 +45,20 @@ class Viewport:
         span = width / height
         return cls(left=(1 - span) / 2, top=0.0, right=(1 + span) / 2, bottom=1.0)
 
+    def to_image(self, x0: float, y0: float, x1: float, y1: float) -> Region:
+        """The region of the image that a box in grid coordinates shows (clipped to the image; the whole image,
+        marked as a fallback, if the box shows none of it)."""
+        width, height = self.right - self.left, self.bottom - self.top
+        box = (
+            min(max((x0 - self.left) / width, 0.0), 1.0),
+            min(max((y0 - self.top) / height, 0.0), 1.0),
+            min(max((x1 - self.left) / width, 0.0), 1.0),
+            min(max((y1 - self.top) / height, 0.0), 1.0),
+        )
+        if box[0] >= box[2] or box[1] >= box[3]:
+            return Region.full(fallback_reason="the box lies outside the image (in the padding)")
+        return Region(*box)
+
 
 @dataclass(frozen=True)
 class Region:

@@ -42,8 +42,10 @@ class Method(ABC):
     dynamic: bool = False
     """True for methods that choose during prefill (`rank`) from the attention of the layer before each stage."""
     queries: str = "last"
-    """Dynamic methods: whose attention ranks the visual tokens, the last prompt token's ("last") or that of the
-    text tokens `raters` picks ("raters"), averaged over those rows."""
+    """Dynamic methods: whose attention ranks the visual tokens, the last prompt token's ("last"), that of every
+    token after the image ("question") or that of the text tokens `raters` picks ("raters"), averaged over rows."""
+    locates: bool = False
+    """Dynamic methods that choose the region themselves during prefill (`locate` instead of `rank`)."""
 
     @property
     def stage_layers(self) -> tuple[int, ...]:
@@ -54,6 +56,12 @@ class Method(ABC):
         """Dynamic methods: which of one row's remaining grid tokens (raster `cells`) stage `stage` keeps, given
         the last token's `(heads, tokens)` attention to them in the layer before the stage."""
         raise NotImplementedError(f"{self.name} is not a dynamic method")
+
+    def locate(
+        self, attention: torch.Tensor, cells: torch.Tensor, shape: tuple[int, int], viewport: Any
+    ) -> tuple[Any, torch.Tensor]:
+        """Methods with `locates`: `(region, which of the ranked tokens stay)` from the rows' attention."""
+        raise NotImplementedError(f"{self.name} does not locate a region")
 
     def recycle(
         self, stage: int, attention: torch.Tensor, keep: torch.Tensor, hidden: torch.Tensor

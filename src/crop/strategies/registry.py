@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from crop.errors import ConfigError
 from crop.strategies.base import Method
+from crop.strategies.crop_fused import FusedCROP
 from crop.strategies.crop_method import CROP
 from crop.strategies.fastv import FastV
 from crop.strategies.ilp import ILP
@@ -38,6 +39,9 @@ METHODS: dict[str, MethodInfo] = {
     for info in (
         MethodInfo("crop", "contextual region: ILP drops outside tokens at layer K, PLC pools them before the LLM",
                    "inside the LLM at K and/or before it", False, _crop),
+        MethodInfo("crop-fused", "CROP whose region comes from layer K-1's question attention in the same prefill",
+                   "inside the LLM at K", False,
+                   lambda budget, layer, plc_ratio, seed: FusedCROP(layer=layer, budget=budget)),
         MethodInfo("fastv", "top-N by the last token's attention at layer K-1, dropped from layer K",
                    "inside the LLM at K", True,
                    lambda budget, layer, plc_ratio, seed: FastV(budget=budget, layer=layer)),

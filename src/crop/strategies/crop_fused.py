@@ -1,0 +1,63 @@
+"""CROP with the region found inside its own prefill: the attention localizer fused into ILP.
+
+At layer K the region is chosen from layer K-1's attention of the question's rows (exactly what
+`AttentionLocalizer(layer=K-1)` computes in a separate pass) and the tokens outside it are dropped at once: no
+second model and no second forward. With `budget=N` the N tokens nearest the region's centre stay (CROP's budget
+rule). The per-call stats record the region chosen.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from crop.localize.attention import DEFAULT_PENALTY, check_settings, region_from_relevance
+from crop.region import Region, Viewport
+from crop.stats import FINE
+from crop.strategies.base import Method, Selection, check_budget
+from crop.strategies.crop_method import budget_cells
+
+
+class FusedCROP(Method):
+    """ILP at layer `layer` (K >= 1) with the region from layer K-1's question attention, found in the same
+    prefill; `penalty` as in `AttentionLocalizer`."""
+
+    name = "crop-fused"
+    dynamic = True
+    queries = "question"
+    locates = True
+
+    def __init__(self, layer: int = 2, penalty: float = DEFAULT_PENALTY, budget: int | None = None) -> None:
+        self.layer = layer
+        self.penalty = penalty
+        self.budget = budget
+
+    def validate(self, num_layers: int, grid_tokens: int) -> None:
+        super().validate(num_layers, grid_tokens)
+        check_settings(self.layer - 1, self.penalty, num_layers, "crop-fused (its localization layer is K-1)")
+        if self.budget is not None:
+            check_budget(self.name, self.budget, grid_tokens)
+
+    def select(
+        self, features: torch.Tensor | None, shape: tuple[int, int], inside: torch.Tensor | None, row: int
+    ) -> Selection:
+        """Nothing is known before the forward: every cell is provisionally kept."""
+        count = shape[0] * shape[1]
+        return Selection(None, torch.ones(count, dtype=torch.bool), torch.full(shape, FINE, dtype=torch.long))
+
+    def locate(
+        self, attention: torch.Tensor, cells: torch.Tensor, shape: tuple[int, int], viewport: Viewport
+    ) -> tuple[Region, torch.Tensor]:
+        """The region from the question rows' `(heads, tokens)` attention to the grid tokens at raster `cells`,
+        and which of those tokens stay."""
+        relevance = torch.zeros(shape[0] * shape[1])
+        relevance[cells.cpu()] = attention.float().mean(0).cpu()
+        region = region_from_relevance(relevance.view(shape), viewport, self.penalty)
+        inside = region.token_mask(*shape, viewport)
+        kept = budget_cells(inside, self.budget) if self.budget is not None else inside.reshape(-1).nonzero()[:, 0]
+        keep = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
+        keep[kept] = True
+        return region, keep[cells.cpu()]
+
+    def describe(self) -> str:
+        amount = f", budget {self.budget}" if self.budget is not None else ""
+        return f"CROP-fused(ILP K={self.layer}, attention region at layer {self.layer - 1}{amount})"
