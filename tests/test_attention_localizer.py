@@ -70,6 +70,8 @@ def test_bad_settings_and_prompts_are_refused(sdpa_model, processor):
         AttentionLocalizer(sdpa_model, processor, layer=4)
     with pytest.raises(ConfigError, match="penalty"):
         AttentionLocalizer(sdpa_model, processor, penalty=1.5)
+    with pytest.raises(ConfigError, match="rows"):
+        FusedCROP(rows="all").validate(4, 144)
     with pytest.raises(ConfigError, match="out of range"):
         crop.apply(sdpa_model, processor, method=FusedCROP(layer=0))
     image_last = AttentionLocalizer(sdpa_model, processor, prompt_template="USER: {question} <image>")
@@ -83,11 +85,12 @@ def _count_calls(layer):
     return calls, handle
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_fused_equals_two_pass_without_an_extra_forward(model, processor, seed):
+@pytest.mark.parametrize(("seed", "rows"), [(0, "question"), (1, "question"), (2, "last"), (3, "last")])
+def test_fused_equals_two_pass_without_an_extra_forward(model, processor, seed, rows):
     image, question = make_image(seed=seed), QUESTIONS[seed % len(QUESTIONS)]
     layer_zero = model.model.language_model.layers[0]
-    two_pass = crop.apply(model, processor, localizer=AttentionLocalizer(model, processor, layer=1), ilp=ILP(2))
+    localizer = AttentionLocalizer(model, processor, layer=1, rows=rows)
+    two_pass = crop.apply(model, processor, localizer=localizer, ilp=ILP(2))
     calls, handle = _count_calls(layer_zero)
     try:
         expected = two_pass.ask(image, question, max_new_tokens=4)
@@ -95,7 +98,7 @@ def test_fused_equals_two_pass_without_an_extra_forward(model, processor, seed):
         handle.remove()
         two_pass.remove()
     two_pass_calls = len(calls)
-    fused = crop.apply(model, processor, method=FusedCROP(layer=2))
+    fused = crop.apply(model, processor, method=FusedCROP(layer=2, rows=rows))
     calls, handle = _count_calls(layer_zero)
     try:
         got = fused.ask(image, question, max_new_tokens=4)
@@ -118,3 +121,14 @@ def test_fused_budget_mode_keeps_exactly_n(sdpa_model, processor):
     assert row.kept_tokens == 16 and isinstance(row.region, Region)
     reference = CROP(ILP(2), budget=16)
     assert reference.describe() != fused.method.describe()
+
+
+def test_last_row_relevance_equals_explicit_attention(sdpa_model, processor):
+    image, question = make_image(seed=2), QUESTIONS[2]
+    relevance, _ = AttentionLocalizer(sdpa_model, processor, layer=1, rows="last").relevance(image, question)
+    inputs = processor(images=image, text=build_prompt(processor, question), return_tensors="pt")
+    with torch.no_grad():
+        attentions = build_model(attn_implementation="eager")(**inputs, output_attentions=True).attentions
+    visual = (inputs["input_ids"][0] == sdpa_model.config.image_token_id).nonzero().squeeze(1)
+    expected = attentions[1][0][:, -1, visual].mean(0)
+    torch.testing.assert_close(relevance.reshape(-1), expected, atol=1e-6, rtol=1e-5)

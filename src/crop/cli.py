@@ -101,7 +101,17 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, default=Path("results") / "synth_eval.json")
     evaluate.add_argument("--plot", type=Path, default=Path("results") / "synth_budget.png")
     evaluate.add_argument("--threads", type=int, default=2)
+    evaluate.add_argument("--attention-penalty", type=float, default=0.9, help="attention localizer's box penalty")
+    evaluate.add_argument("--attention-rows", default="question", choices=["question", "last"])
     evaluate.set_defaults(run=_run_synth_eval)
+    tune = synth.add_parser(
+        "tune-attention", help="attention localizer's layer and penalty by localization IoU on the validation split"
+    )
+    tune.add_argument("--model", type=Path, default=Path("runs") / "synth" / "model")
+    tune.add_argument("--n", type=int, default=300, help="number of validation questions")
+    tune.add_argument("--out", type=Path, default=Path("results") / "synth_attention_tuning.json")
+    tune.add_argument("--threads", type=int, default=2)
+    tune.set_defaults(run=_run_synth_tune)
     return parser
 
 
@@ -247,10 +257,28 @@ def _run_synth_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_synth_tune(args: argparse.Namespace) -> int:
+    from crop.synth.evaluate import tune_attention_localizer
+
+    results = tune_attention_localizer(args.model, count=args.n, threads=args.threads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print("rows     layer penalty | mean IoU (detail object wide all) | answer-region recall (all) | mean area (all)")
+    for row in results["grid"]:
+        ious = " ".join(f"{row[k]['mean_iou']:.3f}" for k in ("detail", "object", "wide", "all"))
+        recall, area = row["all"]["answer_region_recall"], row["all"]["mean_region_area"]
+        print(f"{row['rows']:8s} {row['layer']:5d} {row['penalty']:7.2f} | {ious} | {recall:.3f} | {area:.3f}")
+    print(f"best by mean IoU: {results['best']} -> {args.out}")
+    return 0
+
+
 def _run_synth_eval(args: argparse.Namespace) -> int:
     from crop.synth.evaluate import evaluate, markdown_table
 
-    results = evaluate(args.model, count=args.n, out=args.out, plot=args.plot, threads=args.threads)
+    results = evaluate(
+        args.model, count=args.n, out=args.out, plot=args.plot, threads=args.threads,
+        attention_penalty=args.attention_penalty, attention_rows=args.attention_rows,
+    )  # fmt: skip
     table = markdown_table(results)
     args.out.with_suffix(".md").write_text(table + "\n")
     print(table)

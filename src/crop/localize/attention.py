@@ -1,8 +1,9 @@
 """The contextual region from the target model's own early-layer attention: no second model, no training.
 
 At decoder layer `layer`, the relevance of each visual token is the attention that the question's rows pay it,
-averaged over those rows and over heads. "The question's rows" are every prompt token after the image: with
-LLaVA's template (`USER: <image>\\n{question} ASSISTANT:`) the question and the assistant prefix. The attention is
+averaged over those rows and over heads. "The question's rows" (`rows="question"`, the default) are every prompt
+token after the image: with LLaVA's template (`USER: <image>\\n{question} ASSISTANT:`) the question and the
+assistant prefix; `rows="last"` uses the last prompt token alone (the row that generates the answer). The attention is
 computed from the layer's queries (those rows only, rotary applied as the layer applies it) and keys, so the model
 keeps its attention backend. Relevance is summed onto the 8x8 localization grid (each token into the block holding
 its centre) and normalized; the region is the block box that maximizes `mass - penalty * area share`. Flat
@@ -29,6 +30,7 @@ from crop.region import GRID_SIZE, Region, Viewport
 
 DEFAULT_LAYER = 1
 DEFAULT_PENALTY = 0.9
+ROWS = ("question", "last")
 
 
 def question_weights(cell_of: torch.Tensor) -> torch.Tensor:
@@ -100,7 +102,7 @@ def region_from_relevance(relevance: torch.Tensor, viewport: Viewport | None, pe
     return (viewport or Viewport()).to_image(*box)
 
 
-def check_settings(layer: int, penalty: float, num_layers: int, name: str) -> None:
+def check_settings(layer: int, penalty: float, rows: str, num_layers: int, name: str) -> None:
     if not isinstance(layer, int) or not 0 <= layer < num_layers:
         raise ConfigError(
             f"{name}: layer {layer!r} is out of range: this model has {num_layers} decoder layers, "
@@ -108,6 +110,8 @@ def check_settings(layer: int, penalty: float, num_layers: int, name: str) -> No
         )
     if not 0 <= penalty <= 1:
         raise ConfigError(f"{name}: penalty {penalty!r} must be in [0, 1] (0 picks the whole image)")
+    if rows not in ROWS:
+        raise ConfigError(f"{name}: rows {rows!r} is not one of {ROWS}")
 
 
 class _Stop(Exception):
@@ -124,14 +128,16 @@ class AttentionLocalizer:
         processor: Any,
         layer: int = DEFAULT_LAYER,
         penalty: float = DEFAULT_PENALTY,
+        rows: str = "question",
         prompt_template: str | None = None,
     ) -> None:
         self.model = model
         self.processor = processor
         self.adapter = adapter_for(model)
-        check_settings(layer, penalty, len(self.adapter.decoder_layers()), "AttentionLocalizer")
+        check_settings(layer, penalty, rows, len(self.adapter.decoder_layers()), "AttentionLocalizer")
         self.layer = layer
         self.penalty = penalty
+        self.rows = rows
         self.prompt_template = prompt_template
         self.fallback_count = 0
 
@@ -158,6 +164,8 @@ class AttentionLocalizer:
         layout = self.adapter.visual_layout()
         cell_of = _grid_cells(inputs["input_ids"], self.adapter.image_token_id, layout.leading)
         weights = question_weights(cell_of)
+        if self.rows == "last":
+            weights = torch.ones(1, 1)
         attention = self.adapter.query_attention(layer, captured["hidden"], captured["kwargs"], weights.shape[1])
         pooled = pool_rows(attention, weights)[0]
         grid = (cell_of[0] >= 0).nonzero().squeeze(1)

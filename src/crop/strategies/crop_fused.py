@@ -19,21 +19,26 @@ from crop.strategies.crop_method import budget_cells
 
 class FusedCROP(Method):
     """ILP at layer `layer` (K >= 1) with the region from layer K-1's question attention, found in the same
-    prefill; `penalty` as in `AttentionLocalizer`."""
+    prefill; `penalty` and `rows` as in `AttentionLocalizer`."""
 
     name = "crop-fused"
     dynamic = True
     queries = "question"
     locates = True
 
-    def __init__(self, layer: int = 2, penalty: float = DEFAULT_PENALTY, budget: int | None = None) -> None:
+    def __init__(
+        self, layer: int = 2, penalty: float = DEFAULT_PENALTY, budget: int | None = None, rows: str = "question"
+    ) -> None:
         self.layer = layer
         self.penalty = penalty
         self.budget = budget
+        self.queries = rows
 
     def validate(self, num_layers: int, grid_tokens: int) -> None:
         super().validate(num_layers, grid_tokens)
-        check_settings(self.layer - 1, self.penalty, num_layers, "crop-fused (its localization layer is K-1)")
+        check_settings(
+            self.layer - 1, self.penalty, self.queries, num_layers, "crop-fused (its localization layer is K-1)"
+        )
         if self.budget is not None:
             check_budget(self.name, self.budget, grid_tokens)
 

@@ -17,9 +17,11 @@ from tqdm import tqdm
 
 import crop
 from crop.loading import load_model
-from crop.localize import GridVLMLocalizer
+from crop.localize import AttentionLocalizer, GridVLMLocalizer
+from crop.localize.attention import DEFAULT_PENALTY, ROWS, region_from_relevance
 from crop.region import Region
 from crop.strategies.base import Method
+from crop.strategies.crop_fused import FusedCROP
 from crop.strategies.crop_method import CROP
 from crop.strategies.fastv import FastV
 from crop.strategies.ilp import ILP
@@ -46,7 +48,9 @@ class Variant:
     budget: str
 
 
-def variants(grid_tokens: int, layer: int = 2) -> list[Variant]:
+def variants(
+    grid_tokens: int, layer: int = 2, penalty: float = DEFAULT_PENALTY, rows: str = "question"
+) -> list[Variant]:
     """Full tokens, CROP's forms with predicted and oracle regions, and the baselines at the three budgets."""
     rows = [
         Variant("full", lambda: CROP(None, None), "full", "all"),
@@ -55,6 +59,14 @@ def variants(grid_tokens: int, layer: int = 2) -> list[Variant]:
         Variant("crop-ilp+plc", lambda: CROP(ILP(layer), PLC(ratio=4)), "predicted", "region"),
         Variant("crop-ilp-k0", lambda: CROP(ILP(0)), "predicted", "region"),
         Variant("oracle-ilp", lambda: CROP(ILP(layer)), "oracle", "region"),
+        Variant("crop-ilp", lambda: CROP(ILP(layer)), "attention", "region"),
+        Variant("crop-fused", lambda: FusedCROP(layer, penalty, rows=rows), None, "region"),
+    ]
+    smallest = round(grid_tokens * min(BUDGET_FRACTIONS.values()))
+    rows += [
+        Variant("oracle-ilp-budget", lambda: CROP(ILP(layer), budget=smallest), "oracle", "1/9"),
+        Variant("crop-ilp-budget", lambda: CROP(ILP(layer), budget=smallest), "attention", "1/9"),
+        Variant("crop-fused", lambda: FusedCROP(layer, penalty, smallest, rows), None, "1/9"),
     ]
     for label, fraction in BUDGET_FRACTIONS.items():
         n = round(grid_tokens * fraction)
@@ -68,6 +80,39 @@ def variants(grid_tokens: int, layer: int = 2) -> list[Variant]:
             Variant("pool", lambda n=n: UniformPooling(n), None, label),
         ]
     return rows
+
+
+def tune_attention_localizer(
+    model_dir: str | Path,
+    count: int = 300,
+    penalties: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98),
+    threads: int = 2,
+) -> dict[str, Any]:
+    """Localization quality of `AttentionLocalizer` per layer and penalty on the *validation* split (the test
+    split stays unseen): mean IoU with the ground-truth grid box, answer-region recall, region area."""
+    torch.set_num_threads(threads)
+    model, processor = load_model(model_dir)
+    samples = [make_sample("val", i) for i in range(count)]
+    side = model.config.vision_config.image_size // PATCH
+    rows = []
+    settings = [(rows, layer) for rows in ROWS for layer in range(len(model.model.language_model.layers) - 1)]
+    for rows_kind, layer in settings:
+        localizer = AttentionLocalizer(model, processor, layer=layer, rows=rows_kind)
+        relevance = [localizer.relevance(s.image, s.question) for s in tqdm(samples, desc=f"{rows_kind} {layer}")]
+        for penalty in penalties:
+            regions = [region_from_relevance(r, viewport, penalty) for r, viewport in relevance]
+            row: dict[str, Any] = {"rows": rows_kind, "layer": layer, "penalty": penalty}
+            for kind in (*KINDS, "all"):
+                chosen = [(s, g) for s, g in zip(samples, regions, strict=True) if kind in (s.kind, "all")]
+                row[kind] = {
+                    "mean_iou": statistics.mean(grid_iou(s.region, g) for s, g in chosen),
+                    "answer_region_recall": statistics.mean(object_recall(s, g, side) for s, g in chosen),
+                    "mean_region_area": statistics.mean(g.area for _, g in chosen),
+                }
+            rows.append(row)
+    best = max(rows, key=lambda r: r["all"]["mean_iou"])
+    chosen = {key: best[key] for key in ("rows", "layer", "penalty")}
+    return {"split": "val", "samples": count, "criterion": "mean IoU, all kinds", "grid": rows, "best": chosen}
 
 
 def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -105,8 +150,14 @@ def evaluate(
     plot: Path | None = Path("results") / "synth_budget.png",
     threads: int = 2,
     cost_samples: int = 20,
+    layer: int = 2,
+    attention_penalty: float = DEFAULT_PENALTY,
+    attention_rows: str = "question",
 ) -> dict[str, Any]:
-    """Run every variant on the first `count` test samples; write the JSON (and plot) and return the results."""
+    """Run every variant on the first `count` test samples; write the JSON (and plot) and return the results.
+
+    `layer` is ILP's K for every CROP variant; the attention localizer reads layer K-1 (two-pass and fused) with
+    `attention_penalty` and `attention_rows` (choose them on the validation split: `tune_attention_localizer`)."""
     torch.set_num_threads(threads)
     model, processor = load_model(model_dir)
     samples = [make_sample("test", i) for i in range(count)]
@@ -116,6 +167,10 @@ def evaluate(
     start = time.perf_counter()
     predicted = [localizer.localize(s.image, s.question) for s in tqdm(samples, desc="localize")]
     localize_seconds = (time.perf_counter() - start) / count
+    attention = AttentionLocalizer(model, processor, layer - 1, attention_penalty, attention_rows)
+    start = time.perf_counter()
+    attended = [attention.localize(s.image, s.question) for s in tqdm(samples, desc="attention localize")]
+    attention_seconds = (time.perf_counter() - start) / count
     results: dict[str, Any] = {
         "model": str(model_dir),
         "samples": count,
@@ -123,10 +178,13 @@ def evaluate(
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()},
         "localization": _localization_report(samples, predicted, layout_side, localizer, localize_seconds),
         "localizer_cost": _localizer_cost(model, processor, samples[:cost_samples]),
+        "attention_localization": _localization_report(samples, attended, layout_side, attention, attention_seconds),
+        "attention_localizer": {"layer": attention.layer, "penalty": attention.penalty, "rows": attention.rows},
         "variants": [],
     }
-    for variant in variants(grid_tokens):
-        results["variants"].append(_run_variant(model, processor, variant, samples, predicted, batch_size))
+    regions = {"predicted": predicted, "attention": attended, "oracle": [s.region for s in samples]}
+    for variant in variants(grid_tokens, layer, attention_penalty, attention_rows):
+        results["variants"].append(_run_variant(model, processor, variant, samples, regions, batch_size))
     full = results["variants"][0]
     for row in results["variants"]:
         row["retention"] = {k: (row["accuracy"][k] / full["accuracy"][k] if full["accuracy"][k] else None)
@@ -138,7 +196,7 @@ def evaluate(
     return results
 
 
-def _run_variant(model, processor, variant: Variant, samples, predicted, batch_size: int) -> dict[str, Any]:
+def _run_variant(model, processor, variant: Variant, samples, regions, batch_size: int) -> dict[str, Any]:
     pruned = crop.apply(model, processor, method=variant.method())
     correct = {kind: 0 for kind in KINDS}
     totals = {kind: 0 for kind in KINDS}
@@ -146,13 +204,12 @@ def _run_variant(model, processor, variant: Variant, samples, predicted, batch_s
     try:
         for start in tqdm(range(0, len(samples), batch_size), desc=variant.name, leave=False):
             chunk = samples[start : start + batch_size]
-            regions = {
-                "full": [Region.full()] * len(chunk),
-                "predicted": predicted[start : start + batch_size],
-                "oracle": [s.region for s in chunk],
-                None: None,
-            }[variant.region]
-            inputs = pruned.prepare([s.image for s in chunk], [s.question for s in chunk], regions)
+            given = None
+            if variant.region == "full":
+                given = [Region.full()] * len(chunk)
+            elif variant.region is not None:
+                given = regions[variant.region][start : start + batch_size]
+            inputs = pruned.prepare([s.image for s in chunk], [s.question for s in chunk], given)
             length = inputs["input_ids"].shape[1]
             sequences, stats = pruned.generate(**inputs, max_new_tokens=2, do_sample=False)
             answers = processor.batch_decode(sequences[:, length:], skip_special_tokens=True)
@@ -180,7 +237,7 @@ def _run_variant(model, processor, variant: Variant, samples, predicted, batch_s
     }
 
 
-def _localization_report(samples, predicted, side: int, localizer: GridVLMLocalizer, seconds: float) -> dict:
+def _localization_report(samples, predicted, side: int, localizer: Any, seconds: float) -> dict:
     report: dict[str, Any] = {"fallbacks": localizer.fallback_count, "seconds_per_sample": seconds}
     for kind in (*KINDS, "all"):
         chosen = [(s, p) for s, p in zip(samples, predicted, strict=True) if kind in (s.kind, "all")]
