@@ -23,8 +23,10 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import crop
+from crop.localize.attention import AttentionLocalizer
 from crop.region import Region
 from crop.strategies.base import Method
+from crop.strategies.crop_fused import FusedCROP
 from crop.strategies.crop_method import CROP
 from crop.strategies.fastv import FastV
 from crop.strategies.ilp import ILP
@@ -195,21 +197,29 @@ class Case:
     method: Callable[[], Method] | None
     region: Region | None = None
     ideal_tokens: int | None = None
+    localizer: Callable[[Any], AttentionLocalizer] | None = None
+    """Builds the two-pass localizer whose run is timed as part of the prefill (the region then comes from it)."""
     results: dict[str, list[float]] = field(default_factory=dict)
 
 
 def cases(shape: Shape, budgets: list[int], region: Region) -> list[Case]:
-    """Full tokens; CROP region-sized and at each budget; the baselines at each budget; the ideal per budget."""
+    """Full tokens; CROP region-sized and at each budget (region given; from the attention localizer in a second
+    pass, timed; fused into the prefill); the baselines at each budget; the ideal per budget."""
     grid = shape.grid_tokens
     region_tokens = int(region.token_mask(int(grid**0.5), int(grid**0.5)).sum())
+    two_pass = lambda model: AttentionLocalizer(model, None, layer=1)  # noqa: E731
     rows = [
         Case("full", "all", None),
         Case("crop-ilp", "region", lambda: CROP(ILP(2)), region),
+        Case("crop-attn-2pass", "region", lambda: CROP(ILP(2)), localizer=two_pass),
+        Case("crop-fused", "region", lambda: FusedCROP(2)),
         Case("ideal", "region", None, ideal_tokens=region_tokens),
     ]
     for n in budgets:
         rows += [
             Case("crop-ilp", str(n), lambda n=n: CROP(ILP(2), budget=n), region),
+            Case("crop-attn-2pass", str(n), lambda n=n: CROP(ILP(2), budget=n), localizer=two_pass),
+            Case("crop-fused", str(n), lambda n=n: FusedCROP(2, budget=n)),
             Case("fastv", str(n), lambda n=n: FastV(budget=n, layer=2)),
             Case("pyramiddrop", str(n), lambda n=n: PyramidDrop(budget=n)),
             Case("sparsevlm", str(n), lambda n=n: SparseVLM(budget=n)),
@@ -265,10 +275,16 @@ def _measure(model: Any, inputs: dict, case: Case, shape: Shape, new_tokens: int
     else:
         method = case.method() if case.method is not None else CROP(None, None)
         pruned = crop.apply(model, None, method=method)
-        regions = [case.region or Region.full()]
-        prefill_call = lambda: pruned(**inputs, regions=regions, use_cache=True)  # noqa: E731
+        localizer = case.localizer(model) if case.localizer is not None else None
+
+        def regions() -> list[Region] | None:
+            if localizer is not None:
+                return [localizer.localize_inputs(inputs)]
+            return [case.region or Region.full()] if method.needs_region else None
+
+        prefill_call = lambda: pruned(**inputs, regions=regions(), use_cache=True)  # noqa: E731
         generate_call = lambda steps: pruned.generate(  # noqa: E731
-            **inputs, regions=regions, max_new_tokens=steps, min_new_tokens=steps, do_sample=False
+            **inputs, regions=regions(), max_new_tokens=steps, min_new_tokens=steps, do_sample=False
         )
     try:
         with torch.inference_mode(), PeakMemory(device) as memory:

@@ -141,12 +141,16 @@ class AttentionLocalizer:
         self.prompt_template = prompt_template
         self.fallback_count = 0
 
-    @torch.inference_mode()
     def relevance(self, image: Image.Image | str, question: str) -> tuple[torch.Tensor, Viewport]:
         """Per-token relevance `(rows, cols)` of the image's grid to the question, and the image's viewport."""
         image = load_image(image)
         prompt = build_prompt(self.processor, question, self.prompt_template)
         inputs = self.processor(images=image, text=prompt, return_tensors="pt")
+        return self.relevance_of(inputs), self.adapter.viewport(self.processor, image.size)
+
+    @torch.inference_mode()
+    def relevance_of(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """Relevance `(rows, cols)` for one prompt already through the processor (`input_ids`, `pixel_values`...)."""
         layer = self.adapter.decoder_layers()[self.layer]
         captured: dict[str, Any] = {}
 
@@ -163,18 +167,21 @@ class AttentionLocalizer:
             handle.remove()
         layout = self.adapter.visual_layout()
         cell_of = _grid_cells(inputs["input_ids"], self.adapter.image_token_id, layout.leading)
-        weights = question_weights(cell_of)
-        if self.rows == "last":
-            weights = torch.ones(1, 1)
+        weights = question_weights(cell_of) if self.rows == "question" else torch.ones(1, 1)
         attention = self.adapter.query_attention(layer, captured["hidden"], captured["kwargs"], weights.shape[1])
         pooled = pool_rows(attention, weights)[0]
         grid = (cell_of[0] >= 0).nonzero().squeeze(1)
-        scores = pooled[:, grid].float().mean(0)
-        viewport = self.adapter.viewport(self.processor, image.size)
-        return scores.view(layout.rows, layout.cols), viewport
+        return pooled[:, grid].float().mean(0).view(layout.rows, layout.cols)
 
     def localize(self, image: Image.Image | str, question: str) -> Region:
         relevance, viewport = self.relevance(image, question)
+        return self._region(relevance, viewport)
+
+    def localize_inputs(self, inputs: dict[str, Any], viewport: Viewport | None = None) -> Region:
+        """The region for one prompt already through the processor (for benchmarks and batch pipelines)."""
+        return self._region(self.relevance_of(inputs), viewport)
+
+    def _region(self, relevance: torch.Tensor, viewport: Viewport | None) -> Region:
         region = region_from_relevance(relevance, viewport, self.penalty)
         if region.fallback_reason:
             self.fallback_count += 1
