@@ -15,7 +15,7 @@ from crop.errors import ConfigError, UnsupportedModelError
 from crop.image import load_image
 from crop.localize import FixedLocalizer, Localizer
 from crop.localize.attention import pool_rows, question_weights
-from crop.models import adapter_for
+from crop.models import VisualLayout, adapter_for
 from crop.prompting import build_prompt
 from crop.region import Region, Viewport
 from crop.stats import DROPPED, FINE, PruneStats, RowStats
@@ -58,7 +58,13 @@ class CropModel:
         self.adapter = adapter_for(model)
         layers = self.adapter.decoder_layers()
         layout = self.adapter.visual_layout()
-        self.method.validate(len(layers), layout.rows * layout.cols)
+        self.method.validate(len(layers), None if layout is None else layout.rows * layout.cols)
+        if self.method.acts_before_llm and not self.adapter.supports_pre_llm:
+            raise UnsupportedModelError(
+                f"{self.method.describe()} changes the visual tokens before the LLM, which is not supported for "
+                f"{self.adapter.family} yet; use a method acting inside the LLM (crop with ILP K >= 1, fastv, "
+                "pyramiddrop, sparsevlm, crop-fused)"
+            )
         self._hooks = None
         if self.method.stage_layers:
             self._hooks = ILPHooks(layers, self.method.stage_layers, observe=self.method.dynamic)
@@ -160,44 +166,48 @@ class CropModel:
             inputs["attention_mask"] = torch.ones_like(input_ids)
         regions = self._resolve_regions(regions_given, batch)
         viewports = list(viewports) if viewports is not None else [Viewport()] * batch
-        layout = self.adapter.visual_layout()
-        shape = (layout.rows, layout.cols)
-        self._check_visual_tokens(input_ids, inputs["attention_mask"], layout.num_tokens)
+        visual = self.adapter.visual_layouts(inputs)
+        shapes = [(v.rows, v.cols) for v in visual]
+        self._check_visual_tokens(input_ids, inputs["attention_mask"], [v.num_tokens for v in visual])
+        num_layers = len(self.adapter.decoder_layers())
+        for grid_tokens in sorted({rows * cols for rows, cols in shapes}):
+            self.method.validate(num_layers, grid_tokens)
         cell_masks = [
             None if region is None else region.token_mask(*shape, viewport)
-            for region, viewport in zip(regions, viewports, strict=True)
+            for region, viewport, shape in zip(regions, viewports, shapes, strict=True)
         ]
         encoded: list[Any] = [None] * batch
+        leading = [v.leading for v in visual]
         if self.method.acts_before_llm:
             pixel_values = inputs.pop("pixel_values", None)
             if pixel_values is None:
                 raise ConfigError(f"{self.method.describe()} acts before the LLM and needs pixel_values")
-            leading_features, encoded = self.method.encode(self.adapter, pixel_values, layout.leading)
-        selections = [self.method.select(encoded[b], shape, mask, b) for b, mask in enumerate(cell_masks)]
+            leading_features, encoded = self.method.encode(self.adapter, pixel_values, leading[0])
+        selections = [self.method.select(encoded[b], shapes[b], mask, b) for b, mask in enumerate(cell_masks)]
         if self.method.acts_before_llm:
-            inputs = self._splice(inputs, leading_features, selections, layout.leading)
+            inputs = self._splice(inputs, leading_features, selections, leading[0])
         model_input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         if "inputs_embeds" in inputs and not generating:
             del inputs["input_ids"]  # a forward takes ids or embeddings; generate takes both (ids for the output)
         layouts: list[Layout] = []
         found: dict[int, Region] = {}
-        cell_of = _cell_index(model_input_ids, attention_mask, self.adapter.image_token_id, layout.leading)
+        cell_of = _cell_index(model_input_ids, attention_mask, self.adapter.image_token_id, leading)
         if self._hooks is None:
             output = call(**inputs)
         else:
             if self.method.dynamic:
                 plans = [
-                    self._plan_builder(stage, model_input_ids, attention_mask, cell_of, shape, viewports, found)
+                    self._plan_builder(stage, model_input_ids, attention_mask, cell_of, shapes, viewports, found)
                     for stage in range(len(self.method.stage_layers))
                 ]
             else:
-                plans = [self._plan(model_input_ids, attention_mask, _keep_visual(selections, layout.leading))]
+                plans = [self._plan(model_input_ids, attention_mask, _keep_visual(selections, leading))]
             with self._hooks.active(plans) as hooks:
                 output = call(**inputs)
                 layouts = hooks.layouts
         regions = [found.get(b, region) for b, region in enumerate(regions)]
         is_visual = (model_input_ids == self.adapter.image_token_id) & attention_mask.bool()
-        stats = self._stats(regions, viewports, selections, is_visual, cell_of, layouts, layout.num_tokens, shape)
+        stats = self._stats(regions, viewports, selections, is_visual, cell_of, layouts, visual)
         if localize_seconds is not None:
             stats.seconds["localize"] = localize_seconds
         return output, stats, model_input_ids.shape[1]
@@ -208,7 +218,7 @@ class CropModel:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         cell_of: torch.Tensor,
-        shape: tuple[int, int],
+        shapes: list[tuple[int, int]],
         viewports: list[Viewport],
         found: dict[int, Region],
     ) -> PlanBuilder:
@@ -234,6 +244,7 @@ class CropModel:
             merges = []
             for row in range(0, attention.shape[0], repeat):
                 grid = (cells[row] >= 0).nonzero().squeeze(1)
+                shape = shapes[row // repeat]
                 if self.method.locates:
                     region, chosen = self.method.locate(
                         attention[row][:, grid], cells[row, grid], shape, viewports[row // repeat]
@@ -273,8 +284,7 @@ class CropModel:
         is_visual: torch.Tensor,
         cell_of: torch.Tensor,
         layouts: list[Layout],
-        image_tokens: int,
-        shape: tuple[int, int],
+        visual: list[VisualLayout],
     ) -> PruneStats:
         """Per row: visual tokens into the LLM and at every layer (from the stages' layouts), final cell states."""
         num_layers = len(self.adapter.decoder_layers())
@@ -288,13 +298,14 @@ class CropModel:
                 counts.append(int((is_visual[b][layout.index[row]] & layout.valid[row]).sum()))
             per_layer = [counts[sum(start <= i for start in starts[: len(counts) - 1])] for i in range(num_layers)]
             cells = selection.cells
+            shape = (visual[b].rows, visual[b].cols)
             if self.method.dynamic and layouts:
                 final = layouts[-1]
                 kept = cell_of[b][final.index[b * repeat][final.valid[b * repeat]]]
                 cells = torch.full((shape[0] * shape[1],), DROPPED, dtype=torch.long)
                 cells[kept[kept >= 0]] = FINE
                 cells = cells.view(shape)
-            rows.append(RowStats(region, image_tokens, counts[0], per_layer, cells, viewport))
+            rows.append(RowStats(region, visual[b].num_tokens, counts[0], per_layer, cells, viewport))
         return PruneStats(rows=rows, method=self.method.describe())
 
     def _resolve_regions(self, regions: Any, batch: int) -> list[Region | None]:
@@ -309,13 +320,13 @@ class CropModel:
             "localizer sees the image and question, or apply a FixedLocalizer"
         )
 
-    def _check_visual_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, expected: int) -> None:
+    def _check_visual_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, expected: list[int]) -> None:
         counts = ((input_ids == self.adapter.image_token_id) & attention_mask.bool()).sum(dim=1).tolist()
-        for row, count in enumerate(counts):
-            if count != expected:
+        for row, (count, wanted) in enumerate(zip(counts, expected, strict=True)):
+            if count != wanted:
                 raise ConfigError(
                     f"row {row} has {count} image tokens; crop supports exactly one image per prompt "
-                    f"({expected} visual tokens for this model)"
+                    f"({wanted} visual tokens for this row's image)"
                 )
 
     def _splice(
@@ -388,21 +399,23 @@ def remove(crop_model: CropModel) -> Any:
 
 
 def _cell_index(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, leading: int
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, leading: list[int]
 ) -> torch.Tensor:
     """Per prompt position, the raster grid cell of that visual token (-1 for text, pads and leading tokens)."""
     cells = torch.full_like(input_ids, -1)
     visual = (input_ids == image_token_id) & attention_mask.bool()
     for row in range(input_ids.shape[0]):
-        grid = visual[row].nonzero().squeeze(1)[leading:]
+        grid = visual[row].nonzero().squeeze(1)[leading[row] :]
         cells[row, grid] = torch.arange(grid.numel(), device=input_ids.device)
     return cells
 
 
-def _keep_visual(selections: list[Selection], leading: int) -> list[torch.Tensor]:
+def _keep_visual(selections: list[Selection], leading: list[int]) -> list[torch.Tensor]:
     """Per row, whether each visual token of the LLM input survives the in-LLM layer (leading tokens always)."""
-    always = torch.ones(leading, dtype=torch.bool)
-    return [torch.cat([always, selection.keep]) for selection in selections]
+    return [
+        torch.cat([torch.ones(count, dtype=torch.bool), selection.keep])
+        for selection, count in zip(selections, leading, strict=True)
+    ]
 
 
 def _region_list(regions: Any, batch: int) -> list[Region]:

@@ -33,6 +33,8 @@ class ModelAdapter(ABC):
     """One VLM family: where its visual tokens sit, their grid, its decoder layers, how to feed features."""
 
     family: str = ""
+    supports_pre_llm: bool = True
+    """Whether methods that replace the grid before the LLM (PLC, pooling, VisionZip, K=0) work with this family."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -64,8 +66,12 @@ class ModelAdapter(ABC):
         """The LLM's decoder layers, in order."""
 
     @abstractmethod
-    def visual_layout(self) -> VisualLayout:
-        """The token layout of one image."""
+    def visual_layout(self) -> VisualLayout | None:
+        """The token layout every image has, or None for families whose grid depends on the image's size."""
+
+    def visual_layouts(self, inputs: dict[str, Any]) -> list[VisualLayout]:
+        """The token layout of each row's image, from the processor's output `inputs`."""
+        return [self.visual_layout()] * inputs["input_ids"].shape[0]
 
     @abstractmethod
     def viewport(self, processor: Any, image_size: tuple[int, int]) -> Viewport:

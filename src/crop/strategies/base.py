@@ -86,8 +86,9 @@ class Method(ABC):
         features = adapter.image_features(pixel_values)
         return features[:, :leading], list(features[:, leading:])
 
-    def validate(self, num_layers: int, grid_tokens: int) -> None:
-        """Refuse settings that do not fit the model (a layer out of range, a budget above the grid)."""
+    def validate(self, num_layers: int, grid_tokens: int | None) -> None:
+        """Refuse settings that do not fit the model (a layer out of range, a budget above the grid); `grid_tokens`
+        is None when the grid depends on the image (checked again per call)."""
         if self.layer is not None and not (isinstance(self.layer, int) and 1 <= self.layer < num_layers):
             raise ConfigError(
                 f"{self.name}: layer {self.layer!r} is out of range: this model has {num_layers} decoder layers, "
@@ -105,9 +106,11 @@ class Method(ABC):
         return self.name
 
 
-def check_budget(name: str, budget: int, grid_tokens: int) -> None:
-    if not isinstance(budget, int) or not 1 <= budget <= grid_tokens:
-        raise ConfigError(f"{name}: budget {budget!r} must be an integer in 1..{grid_tokens} (the image's grid tokens)")
+def check_budget(name: str, budget: int, grid_tokens: int | None) -> None:
+    """A budget is a positive integer no larger than the image's grid (checked per call when grids vary)."""
+    if not isinstance(budget, int) or budget < 1 or (grid_tokens is not None and budget > grid_tokens):
+        limit = f"1..{grid_tokens} (the image's grid tokens)" if grid_tokens is not None else "at least 1"
+        raise ConfigError(f"{name}: budget {budget!r} must be an integer in {limit}")
 
 
 def keep_cells(

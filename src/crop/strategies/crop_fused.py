@@ -34,7 +34,7 @@ class FusedCROP(Method):
         self.budget = budget
         self.queries = rows
 
-    def validate(self, num_layers: int, grid_tokens: int) -> None:
+    def validate(self, num_layers: int, grid_tokens: int | None) -> None:
         super().validate(num_layers, grid_tokens)
         check_settings(
             self.layer - 1, self.penalty, self.queries, num_layers, "crop-fused (its localization layer is K-1)"

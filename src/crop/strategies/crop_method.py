@@ -35,7 +35,7 @@ class CROP(Method):
     def acts_before_llm(self) -> bool:
         return self.plc is not None or (self.ilp is not None and self.ilp.layer == 0)
 
-    def validate(self, num_layers: int, grid_tokens: int) -> None:
+    def validate(self, num_layers: int, grid_tokens: int | None) -> None:
         if self.ilp is not None:
             self.ilp.validate(num_layers)
         if self.budget is not None:

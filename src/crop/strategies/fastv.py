@@ -25,11 +25,12 @@ class FastV(LastTokenRanking):
         self.keep_ratio = keep_ratio
         self.layer = layer
 
-    def validate(self, num_layers: int, grid_tokens: int) -> None:
+    def validate(self, num_layers: int, grid_tokens: int | None) -> None:
         super().validate(num_layers, grid_tokens)
-        check_budget(self.name, self.kept_after(0, grid_tokens), grid_tokens)
+        if self.budget is not None or grid_tokens is not None:
+            check_budget(self.name, self.kept_after(0, grid_tokens), grid_tokens)
 
-    def kept_after(self, stage: int, grid_tokens: int) -> int:
+    def kept_after(self, stage: int, grid_tokens: int | None) -> int:
         return self.budget if self.budget is not None else max(1, round(grid_tokens * self.keep_ratio))
 
     def describe(self) -> str:

@@ -34,7 +34,7 @@ class UniformPooling(Method):
     def acts_before_llm(self) -> bool:
         return True
 
-    def validate(self, num_layers: int, grid_tokens: int) -> None:
+    def validate(self, num_layers: int, grid_tokens: int | None) -> None:
         check_budget(self.name, self.budget, grid_tokens)
 
     def select(

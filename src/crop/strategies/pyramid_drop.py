@@ -37,7 +37,7 @@ class PyramidDrop(LastTokenRanking):
     def stage_layers(self) -> tuple[int, ...]:
         return self.layers or ()
 
-    def validate(self, num_layers: int, grid_tokens: int) -> None:
+    def validate(self, num_layers: int, grid_tokens: int | None) -> None:
         if self.layers is None:
             self.layers = tuple(sorted({max(1, num_layers * q // 4) for q in (1, 2, 3)}))
         if list(self.layers) != sorted(set(self.layers)) or not all(1 <= x < num_layers for x in self.layers):

@@ -24,7 +24,7 @@ class RandomSelection(Method):
     def acts_before_llm(self) -> bool:
         return self.layer is None
 
-    def validate(self, num_layers: int, grid_tokens: int) -> None:
+    def validate(self, num_layers: int, grid_tokens: int | None) -> None:
         super().validate(num_layers, grid_tokens)
         check_budget(self.name, self.budget, grid_tokens)
 

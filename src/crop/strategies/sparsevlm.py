@@ -55,7 +55,7 @@ class SparseVLM(Method):
     def stage_layers(self) -> tuple[int, ...]:
         return self.layers or ()
 
-    def validate(self, num_layers: int, grid_tokens: int) -> None:
+    def validate(self, num_layers: int, grid_tokens: int | None) -> None:
         if self.layers is None:
             scaled = {min(num_layers - 1, round(x * num_layers / PAPER_DEPTH) + 1) for x in PAPER_LAYERS}
             self.layers = tuple(sorted(scaled))

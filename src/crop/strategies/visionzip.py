@@ -47,7 +47,7 @@ class VisionZip(Method):
     def acts_before_llm(self) -> bool:
         return True
 
-    def validate(self, num_layers: int, grid_tokens: int) -> None:
+    def validate(self, num_layers: int, grid_tokens: int | None) -> None:
         check_budget(self.name, self.budget, grid_tokens)
 
     def encode(self, adapter: Any, pixel_values: torch.Tensor, leading: int) -> tuple[torch.Tensor, list[Any]]:

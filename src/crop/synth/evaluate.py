@@ -49,7 +49,7 @@ class Variant:
 
 
 def variants(
-    grid_tokens: int, layer: int = 2, penalty: float = DEFAULT_PENALTY, rows: str = "question"
+    grid_tokens: int, layer: int = 2, penalty: float = DEFAULT_PENALTY, attention_rows: str = "question"
 ) -> list[Variant]:
     """Full tokens, CROP's forms with predicted and oracle regions, and the baselines at the three budgets."""
     rows = [
@@ -60,13 +60,13 @@ def variants(
         Variant("crop-ilp-k0", lambda: CROP(ILP(0)), "predicted", "region"),
         Variant("oracle-ilp", lambda: CROP(ILP(layer)), "oracle", "region"),
         Variant("crop-ilp", lambda: CROP(ILP(layer)), "attention", "region"),
-        Variant("crop-fused", lambda: FusedCROP(layer, penalty, rows=rows), None, "region"),
+        Variant("crop-fused", lambda: FusedCROP(layer, penalty, rows=attention_rows), None, "region"),
     ]
     smallest = round(grid_tokens * min(BUDGET_FRACTIONS.values()))
     rows += [
         Variant("oracle-ilp-budget", lambda: CROP(ILP(layer), budget=smallest), "oracle", "1/9"),
         Variant("crop-ilp-budget", lambda: CROP(ILP(layer), budget=smallest), "attention", "1/9"),
-        Variant("crop-fused", lambda: FusedCROP(layer, penalty, smallest, rows), None, "1/9"),
+        Variant("crop-fused", lambda: FusedCROP(layer, penalty, smallest, attention_rows), None, "1/9"),
     ]
     for label, fraction in BUDGET_FRACTIONS.items():
         n = round(grid_tokens * fraction)
