@@ -1,0 +1,136 @@
+"""LLaVA-NeXT (`LlavaNextForConditionalGeneration`): where each of an image's placeholder tokens sits.
+
+An image's placeholders hold, in order: the base grid (the whole image resized, not padded, to the vision tower's
+square input; no newlines), then the high-resolution grid (the tiles of the best-fitting pinpoint resolution,
+stitched and unpadded by the model) in raster order, with one `image_newline` embedding after each of its rows.
+`input_ids` cannot tell the newlines from patch tokens: only this layout can.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+from crop.errors import UnsupportedModelError
+from crop.region import Viewport
+
+BASE, HIGH, NEWLINE = 0, 1, -1
+"""Grid ids in `NextTokenLayout.cells`."""
+
+
+@dataclass(frozen=True, eq=False)
+class NextTokenLayout:
+    """One image's placeholder tokens: a base grid, then the unpadded high-res grid with a newline after each row.
+
+    `cells[i] = (grid, row, col)` for placeholder i (0-based, in input order): `grid` is `BASE` or `HIGH` with the
+    cell's row and column in that grid, or `NEWLINE` with the high-res row it ends and col -1. `tiles` is the tile
+    grid (rows, cols) of the chosen pinpoint resolution and `high_offset` the (row, col) of the unpadded grid's
+    first cell in the stitched tiles' feature grid (`tiles * base_grid` cells). The viewports say where the image's
+    unit square lands in each grid's unit square (see `crop.region.Viewport`).
+    """
+
+    base_grid: tuple[int, int]
+    high_grid: tuple[int, int]
+    tiles: tuple[int, int]
+    high_offset: tuple[int, int]
+    base_viewport: Viewport
+    high_viewport: Viewport
+    cells: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        """How many placeholder tokens the image takes (what the processor inserts)."""
+        return int(self.cells.shape[0])
+
+    @property
+    def newline_positions(self) -> torch.Tensor:
+        """Placeholder positions holding `image_newline` (one per high-res row, after its last cell)."""
+        return self.grid_positions(NEWLINE)
+
+    def grid_positions(self, grid: int) -> torch.Tensor:
+        """Placeholder positions of grid `grid` (`BASE`, `HIGH` or `NEWLINE`), in raster order."""
+        return torch.nonzero(self.cells[:, 0] == grid).flatten()
+
+
+def token_layout(config: Any, processor_or_image_processor: Any, image_size: tuple[int, int]) -> NextTokenLayout:
+    """The placeholder layout of an image of `(width, height)` pixels, for a LLaVA-NeXT config and its processor."""
+    width, height = image_size
+    if config.vision_feature_select_strategy != "default":
+        raise UnsupportedModelError(
+            f"LLaVA-NeXT layout supports vision_feature_select_strategy 'default' only, got "
+            f"{config.vision_feature_select_strategy!r}"
+        )
+    vision = config.vision_config
+    tile, patch = vision.image_size, vision.patch_size
+    if not isinstance(tile, int) or tile % patch:
+        raise UnsupportedModelError(f"LLaVA-NeXT layout needs a square tower input divisible by patch {patch}")
+    image_processor = getattr(processor_or_image_processor, "image_processor", processor_or_image_processor)
+    _check_processor(image_processor, config, tile)
+    side = tile // patch
+
+    # The model's own geometry: tiles of the best pinpoint resolution, then unpadding of the stitched feature grid.
+    tile_rows, tile_cols = get_anyres_image_grid_shape((height, width), config.image_grid_pinpoints, tile)
+    stitched = torch.arange(tile_rows * side * tile_cols * side).view(1, tile_rows * side, tile_cols * side)
+    kept = unpad_image(stitched, (height, width))[0]
+    rows, cols = kept.shape
+    top, left = divmod(int(kept[0, 0]), tile_cols * side)
+
+    # The processor's: the image resized to fit the pinpoint resolution, then centred on it (LLaVA-NeXT pads).
+    canvas_h, canvas_w = tile_rows * tile, tile_cols * tile
+    fit_h, fit_w = _fit_size(height, width, canvas_h, canvas_w)
+    paste_y, paste_x = (canvas_h - fit_h) // 2, (canvas_w - fit_w) // 2
+    x0, y0, span_w, span_h = left * patch, top * patch, cols * patch, rows * patch
+    high_viewport = Viewport(
+        left=(paste_x - x0) / span_w,
+        top=(paste_y - y0) / span_h,
+        right=(paste_x + fit_w - x0) / span_w,
+        bottom=(paste_y + fit_h - y0) / span_h,
+    )
+
+    base_rows, base_cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    base = torch.stack([torch.full_like(base_rows, BASE), base_rows, base_cols], dim=-1).view(-1, 3)
+    high_rows, high_cols = torch.meshgrid(torch.arange(rows), torch.arange(cols + 1), indexing="ij")
+    is_cell = high_cols < cols
+    grid_ids = torch.where(is_cell, HIGH, NEWLINE)
+    high = torch.stack([grid_ids, high_rows, torch.where(is_cell, high_cols, -1)], dim=-1).view(-1, 3)
+    return NextTokenLayout(
+        base_grid=(side, side),
+        high_grid=(rows, cols),
+        tiles=(tile_rows, tile_cols),
+        high_offset=(top, left),
+        base_viewport=Viewport(),
+        high_viewport=high_viewport,
+        cells=torch.cat([base, high]),
+    )
+
+
+def _check_processor(image_processor: Any, config: Any, tile: int) -> None:
+    """Raise unless the processor squashes the base image to the tower's square and cuts tiles of that size."""
+    size, crop = image_processor.size, image_processor.crop_size
+    base = (size.height, size.width) if size.height and size.width else (size.shortest_edge, size.shortest_edge)
+    tile_pixels = crop.height if crop and crop.height else base[0]
+    cropped = (crop.height, crop.width) if image_processor.do_center_crop else base
+    if base != (tile, tile) or tile_pixels != tile or cropped != (tile, tile):
+        raise UnsupportedModelError(
+            f"LLaVA-NeXT layout expects the processor to resize and crop to the tower's {tile}x{tile} input, got "
+            f"size {base} and crop {cropped}"
+        )
+    processor_pinpoints = [list(map(int, p)) for p in image_processor.image_grid_pinpoints]
+    model_pinpoints = [list(map(int, p)) for p in config.image_grid_pinpoints]
+    if processor_pinpoints != model_pinpoints or any(side % tile for p in model_pinpoints for side in p):
+        raise UnsupportedModelError(
+            f"LLaVA-NeXT layout needs the processor's and the model's pinpoints to agree and to be multiples of "
+            f"{tile}: processor {processor_pinpoints}, model {model_pinpoints}"
+        )
+
+
+def _fit_size(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:
+    """The processor's resize before padding (transformers' `get_patch_output_size`): fit, keep aspect ratio."""
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_h), target_w
+    return target_h, min(math.ceil(width * scale_h), target_w)
