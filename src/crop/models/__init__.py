@@ -10,6 +10,8 @@ from crop.models.base import ModelAdapter, VisualLayout
 
 ADAPTERS: dict[str, str] = {
     "LlavaForConditionalGeneration": "crop.models.llava:LlavaAdapter",
+    "Qwen2VLForConditionalGeneration": "crop.models.qwen2_vl:Qwen2VLAdapter",
+    "Qwen2_5_VLForConditionalGeneration": "crop.models.qwen2_vl:Qwen2VLAdapter",
 }
 """Model class name -> `module:AdapterClass`; adding a family is adding a file and a line here."""
 

@@ -85,13 +85,35 @@ class ModelAdapter(ABC):
     def embed(self, input_ids: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Input embeddings with `features[b]` written over row b's image placeholders."""
 
-    @abstractmethod
     def query_attention(
         self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], count: int = 1
     ) -> torch.Tensor:
         """Attention probabilities `(batch, heads, count, length)` of the last `count` positions' queries in
         decoder `layer`, given the layer's inputs, computed from its queries and keys for those rows only (the
-        model keeps its attention backend)."""
+        model keeps its attention backend).
+
+        This default fits Llama-style layers (`input_layernorm`, `self_attn.q_proj/k_proj`, rotary `(cos, sin)`
+        of shape `(batch, length, head_dim)` in `position_embeddings`), as LLaVA and Qwen2-VL have."""
+        attention = layer.self_attn
+        batch, length, _ = hidden.shape
+        normed = layer.input_layernorm(hidden)
+        query = attention.q_proj(normed[:, -count:]).view(batch, count, -1, attention.head_dim).transpose(1, 2)
+        key = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+        cos, sin = kwargs["position_embeddings"]
+        query = _rotate(query, cos[:, -count:], sin[:, -count:])
+        key = _rotate(key, cos, sin).repeat_interleave(attention.num_key_value_groups, dim=1)
+        scores = (query @ key.transpose(-1, -2)).float() * attention.scaling
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            rows = mask[:, :, -count:, :length]
+            scores = scores + (torch.where(rows, 0.0, float("-inf")) if rows.dtype == torch.bool else rows.float())
+        else:
+            causal = (
+                torch.arange(length, device=hidden.device)[None, :]
+                <= torch.arange(length - count, length, device=hidden.device)[:, None]
+            )
+            scores = scores.masked_fill(~causal, float("-inf"))
+        return scores.softmax(-1)
 
     def vision_internals(self, pixel_values: torch.Tensor) -> VisionInternals:
         """The vision tower's feature-layer states with the CLS token's attention and keys (for VisionZip)."""
@@ -100,6 +122,14 @@ class ModelAdapter(ABC):
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vision hidden states `(..., vision dim)` through the projector into the LLM's embedding space."""
         raise UnsupportedModelError(f"{self.family}: projecting selected vision states is not supported")
+
+
+def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as Llama-style layers apply it: `x * cos + rotate_half(x) * sin`, heads in dim 1."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = states.shape[-1] // 2
+    rotated = torch.cat((-states[..., half:], states[..., :half]), dim=-1)
+    return states * cos + rotated * sin
 
 
 @dataclass

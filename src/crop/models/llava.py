@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from crop.errors import UnsupportedModelError
 from crop.models.base import ModelAdapter, VisionInternals, VisualLayout
@@ -70,31 +69,6 @@ class LlavaAdapter(ModelAdapter):
         placeholders = (input_ids == self.image_token_id).unsqueeze(-1)
         flat = torch.cat(list(features)).to(embeds.dtype)
         return embeds.masked_scatter(placeholders, flat)
-
-    def query_attention(
-        self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], count: int = 1
-    ) -> torch.Tensor:
-        attention = layer.self_attn
-        batch, length, _ = hidden.shape
-        normed = layer.input_layernorm(hidden)
-        query = attention.q_proj(normed[:, -count:]).view(batch, count, -1, attention.head_dim).transpose(1, 2)
-        key = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
-        cos, sin = kwargs["position_embeddings"]
-        query, _ = apply_rotary_pos_emb(query, query, cos[:, -count:], sin[:, -count:])
-        _, key = apply_rotary_pos_emb(key, key, cos, sin)
-        key = repeat_kv(key, attention.num_key_value_groups)
-        scores = (query @ key.transpose(-1, -2)).float() * attention.scaling
-        mask = kwargs.get("attention_mask")
-        if mask is not None:
-            rows = mask[:, :, -count:, :length]
-            scores = scores + (torch.where(rows, 0.0, float("-inf")) if rows.dtype == torch.bool else rows.float())
-        else:
-            causal = (
-                torch.arange(length, device=hidden.device)[None, :]
-                <= torch.arange(length - count, length, device=hidden.device)[:, None]
-            )
-            scores = scores.masked_fill(~causal, float("-inf"))
-        return scores.softmax(-1)
 
     def vision_internals(self, pixel_values: torch.Tensor) -> VisionInternals:
         config = self.model.config
