@@ -13,7 +13,7 @@ from conftest import QUESTIONS, make_image
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 from crop.errors import UnsupportedModelError
-from crop.models.llava_next_layout import BASE, HIGH, NEWLINE, token_layout
+from crop.models.llava_next import BASE, HIGH, NEWLINE, token_layout
 from crop.tiny import CLIP_MEAN, CLIP_STD
 from crop.tiny_next import build_next_model, build_next_processor, next_inputs
 

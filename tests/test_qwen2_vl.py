@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import QUESTIONS, make_image
-from reference import causal_mask
+from reference import layer_zero_inputs, reference_logits
 
 import crop
 from crop.errors import UnsupportedModelError
@@ -45,39 +45,6 @@ def row_inputs(inputs: dict, row: int) -> dict:
         "pixel_values": inputs["pixel_values"][start : start + sizes[row]],
         "image_grid_thw": inputs["image_grid_thw"][row : row + 1],
     }
-
-
-@torch.no_grad()
-def layer_zero_inputs(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What the unmodified model feeds its first decoder layer: embeddings, rotary cos/sin, text positions."""
-    captured = {}
-
-    def capture(module, args, kwargs):
-        captured.update(kwargs, hidden=args[0] if args else kwargs["hidden_states"])
-
-    handle = model.model.language_model.layers[0].register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        model(**inputs)
-    finally:
-        handle.remove()
-    cos, sin = captured["position_embeddings"]
-    return captured["hidden"], cos, sin, captured["position_ids"]
-
-
-@torch.no_grad()
-def reference_logits(model, inputs: dict, keep: torch.Tensor, layer: int) -> torch.Tensor:
-    """One unpadded row by hand: layers < `layer` on every token, layers >= `layer` on the `keep` subset, with
-    the rotary embeddings and positions the unmodified model computed for the whole prompt."""
-    text_model = model.model.language_model
-    hidden, cos, sin, positions = layer_zero_inputs(model, inputs)
-    for index, decoder_layer in enumerate(text_model.layers):
-        if index == layer:
-            kept = keep.nonzero().squeeze(1)
-            hidden, cos, sin = hidden[:, kept], cos[:, kept], sin[:, kept]
-            positions = positions[:, kept] if positions is not None else None
-        mask = causal_mask(hidden.shape[1], hidden.dtype)
-        hidden = decoder_layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=positions)
-    return model.lm_head(text_model.norm(hidden))[0]
 
 
 def test_nothing_pruned_equals_the_model(model, processor):

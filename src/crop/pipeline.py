@@ -172,9 +172,14 @@ class CropModel:
         num_layers = len(self.adapter.decoder_layers())
         for grid_tokens in sorted({rows * cols for rows, cols in shapes}):
             self.method.validate(num_layers, grid_tokens)
+        if any(v.is_multi_grid for v in visual) and self.method.needs_grid:
+            raise UnsupportedModelError(
+                f"{self.method.describe()} needs the image tokens as one 2-D grid; {self.adapter.family} has "
+                "several grids per image (use region-sized crop, fastv, pyramiddrop, sparsevlm or random)"
+            )
         cell_masks = [
-            None if region is None else region.token_mask(*shape, viewport)
-            for region, viewport, shape in zip(regions, viewports, shapes, strict=True)
+            None if region is None else layout.region_mask(region, viewport)
+            for region, viewport, layout in zip(regions, viewports, visual, strict=True)
         ]
         encoded: list[Any] = [None] * batch
         leading = [v.leading for v in visual]
@@ -305,7 +310,8 @@ class CropModel:
                 cells = torch.full((shape[0] * shape[1],), DROPPED, dtype=torch.long)
                 cells[kept[kept >= 0]] = FINE
                 cells = cells.view(shape)
-            rows.append(RowStats(region, visual[b].num_tokens, counts[0], per_layer, cells, viewport))
+            cells, drawn_viewport = visual[b].drawn_grid(cells, viewport)
+            rows.append(RowStats(region, visual[b].num_tokens, counts[0], per_layer, cells, drawn_viewport))
         return PruneStats(rows=rows, method=self.method.describe())
 
     def _resolve_regions(self, regions: Any, batch: int) -> list[Region | None]:

@@ -19,7 +19,7 @@ class RowStats:
     `image_tokens`: visual tokens of the unpruned image; `llm_input_tokens`: after PLC;
     `per_layer`: visual tokens each decoder layer sees (ILP shortens layers >= K).
     `cells`: per token-grid cell, FINE / POOLED / DROPPED after the last reduction; `viewport` places the grid
-    on the image.
+    on the image (families with several grids per image report their highest-resolution grid).
     """
 
     region: Region | None

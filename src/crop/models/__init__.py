@@ -10,6 +10,7 @@ from crop.models.base import ModelAdapter, VisualLayout
 
 ADAPTERS: dict[str, str] = {
     "LlavaForConditionalGeneration": "crop.models.llava:LlavaAdapter",
+    "LlavaNextForConditionalGeneration": "crop.models.llava_next:LlavaNextAdapter",
     "Qwen2VLForConditionalGeneration": "crop.models.qwen2_vl:Qwen2VLAdapter",
     "Qwen2_5_VLForConditionalGeneration": "crop.models.qwen2_vl:Qwen2VLAdapter",
 }

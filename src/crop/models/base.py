@@ -16,17 +16,59 @@ from crop.region import Viewport
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class VisualLayout:
-    """How one image's visual tokens sit in the prompt: `leading` non-grid tokens, then a raster grid."""
+    """How one image's visual tokens sit in the prompt: `leading` non-grid tokens, then a raster grid.
+
+    Families whose image tokens form several grids (LLaVA-NeXT: a base grid, then a high-resolution grid with a
+    separator after each row) set `cells`: `(tokens, 3)` rows `(grid, row, col)` per placeholder, in order, with
+    grid -1 for a separator that ends row `row` of the last grid; `grids` and `grid_viewports` give each grid's
+    shape and where the image lands on it. Methods then see the placeholders as one `1 x tokens` row.
+    """
 
     rows: int
     cols: int
     leading: int = 0
+    cells: torch.Tensor | None = None
+    grids: tuple[tuple[int, int], ...] = ()
+    grid_viewports: tuple[Viewport, ...] = ()
 
     @property
     def num_tokens(self) -> int:
         return self.leading + self.rows * self.cols
+
+    @property
+    def is_multi_grid(self) -> bool:
+        return self.cells is not None
+
+    def region_mask(self, region: Any, viewport: Viewport | None) -> torch.Tensor:
+        """`(rows, cols)` mask of the grid tokens whose cell centre lies in `region` (see `Region.token_mask`);
+        with several grids, each is mapped through its own viewport and a separator follows its row."""
+        if self.cells is None:
+            return region.token_mask(self.rows, self.cols, viewport)
+        grid, row, col = self.cells.unbind(-1)
+        keep = torch.zeros(self.cells.shape[0], dtype=torch.bool)
+        for index, (shape, grid_viewport) in enumerate(zip(self.grids, self.grid_viewports, strict=True)):
+            mask = region.token_mask(*shape, grid_viewport)
+            here = grid == index
+            keep[here] = mask[row[here], col[here]]
+        last = len(self.grids) - 1
+        kept_rows = set(row[(grid == last) & keep].tolist())
+        separators = (grid == -1).nonzero().squeeze(1)
+        keep[separators] = torch.tensor([int(row[i]) in kept_rows for i in separators], dtype=torch.bool)
+        return keep.view(self.rows, self.cols)
+
+    def drawn_grid(self, states: torch.Tensor, viewport: Viewport) -> tuple[torch.Tensor, Viewport]:
+        """Per-token `states` as the 2-D grid to draw over the image, with its viewport: the grid itself, or
+        for several grids the last (highest-resolution) one."""
+        if self.cells is None:
+            return states, viewport
+        last = len(self.grids) - 1
+        grid, row, col = self.cells.unbind(-1)
+        here = grid == last
+        drawn = torch.empty(self.grids[last], dtype=states.dtype)
+        drawn[row[here], col[here]] = states.reshape(-1)[here]
+        return drawn, self.grid_viewports[last]
 
 
 class ModelAdapter(ABC):

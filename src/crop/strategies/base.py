@@ -46,6 +46,8 @@ class Method(ABC):
     token after the image ("question") or that of the text tokens `raters` picks ("raters"), averaged over rows."""
     locates: bool = False
     """Dynamic methods that choose the region themselves during prefill (`locate` instead of `rank`)."""
+    needs_grid: bool = False
+    """Methods that use the 2-D geometry of one image grid (distances, boxes, pooling windows)."""
 
     @property
     def stage_layers(self) -> tuple[int, ...]:

@@ -25,6 +25,7 @@ class FusedCROP(Method):
     dynamic = True
     queries = "question"
     locates = True
+    needs_grid = True
 
     def __init__(
         self, layer: int = 2, penalty: float = DEFAULT_PENALTY, budget: int | None = None, rows: str = "question"

@@ -35,6 +35,11 @@ class CROP(Method):
     def acts_before_llm(self) -> bool:
         return self.plc is not None or (self.ilp is not None and self.ilp.layer == 0)
 
+    @property
+    def needs_grid(self) -> bool:
+        """Budget mode ranks cells by distance to the region and PLC pools windows: both need one 2-D grid."""
+        return self.budget is not None or self.plc is not None
+
     def validate(self, num_layers: int, grid_tokens: int | None) -> None:
         if self.ilp is not None:
             self.ilp.validate(num_layers)

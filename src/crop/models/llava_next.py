@@ -1,21 +1,26 @@
-"""LLaVA-NeXT (`LlavaNextForConditionalGeneration`): where each of an image's placeholder tokens sits.
+"""LLaVA-NeXT (`LlavaNextForConditionalGeneration`): any-resolution tiles, a base grid and a high-res grid.
 
 An image's placeholders hold, in order: the base grid (the whole image resized, not padded, to the vision tower's
 square input; no newlines), then the high-resolution grid (the tiles of the best-fitting pinpoint resolution,
 stitched and unpadded by the model) in raster order, with one `image_newline` embedding after each of its rows.
-`input_ids` cannot tell the newlines from patch tokens: only this layout can.
+`input_ids` cannot tell the newlines from patch tokens: only this layout can. The adapter hands the core both grids
+with their viewports; a region keeps the base-grid and high-res tokens whose cell centres it holds, and a newline
+stays when its row keeps a token. Methods acting before the LLM are not supported for this family yet.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
-from crop.errors import UnsupportedModelError
+from crop.errors import ConfigError, UnsupportedModelError
+from crop.models.base import ModelAdapter, VisualLayout
 from crop.region import Viewport
 
 BASE, HIGH, NEWLINE = 0, 1, -1
@@ -57,7 +62,8 @@ class NextTokenLayout:
 
 
 def token_layout(config: Any, processor_or_image_processor: Any, image_size: tuple[int, int]) -> NextTokenLayout:
-    """The placeholder layout of an image of `(width, height)` pixels, for a LLaVA-NeXT config and its processor."""
+    """The placeholder layout of an image of `(width, height)` pixels, for a LLaVA-NeXT config and its processor
+    (None: assume the processor agrees with the config, as checked by `check_processor`)."""
     width, height = image_size
     if config.vision_feature_select_strategy != "default":
         raise UnsupportedModelError(
@@ -68,8 +74,8 @@ def token_layout(config: Any, processor_or_image_processor: Any, image_size: tup
     tile, patch = vision.image_size, vision.patch_size
     if not isinstance(tile, int) or tile % patch:
         raise UnsupportedModelError(f"LLaVA-NeXT layout needs a square tower input divisible by patch {patch}")
-    image_processor = getattr(processor_or_image_processor, "image_processor", processor_or_image_processor)
-    _check_processor(image_processor, config, tile)
+    if processor_or_image_processor is not None:
+        check_processor(config, processor_or_image_processor)
     side = tile // patch
 
     # The model's own geometry: tiles of the best pinpoint resolution, then unpadding of the stitched feature grid.
@@ -108,8 +114,10 @@ def token_layout(config: Any, processor_or_image_processor: Any, image_size: tup
     )
 
 
-def _check_processor(image_processor: Any, config: Any, tile: int) -> None:
+def check_processor(config: Any, processor: Any) -> None:
     """Raise unless the processor squashes the base image to the tower's square and cuts tiles of that size."""
+    image_processor = getattr(processor, "image_processor", processor)
+    tile = config.vision_config.image_size
     size, crop = image_processor.size, image_processor.crop_size
     base = (size.height, size.width) if size.height and size.width else (size.shortest_edge, size.shortest_edge)
     tile_pixels = crop.height if crop and crop.height else base[0]
@@ -134,3 +142,62 @@ def _fit_size(height: int, width: int, target_h: int, target_w: int) -> tuple[in
     if scale_w < scale_h:
         return min(math.ceil(height * scale_w), target_h), target_w
     return target_h, min(math.ceil(width * scale_h), target_w)
+
+
+class LlavaNextAdapter(ModelAdapter):
+    """Visual tokens per image: a base grid then the unpadded high-res grid with a newline after each row."""
+
+    family = "llava-next"
+    supports_pre_llm = False
+
+    @property
+    def text_config(self) -> Any:
+        return self.model.config.text_config
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.model.config.text_config.pad_token_id
+        return int(pad if pad is not None else 0)
+
+    def decoder_layers(self) -> Sequence[nn.Module]:
+        return self.model.model.language_model.layers
+
+    def visual_layout(self) -> VisualLayout | None:
+        return None
+
+    def visual_layouts(self, inputs: dict[str, Any]) -> list[VisualLayout]:
+        sizes = inputs.get("image_sizes")
+        batch = inputs["input_ids"].shape[0]
+        if sizes is None:
+            raise ConfigError("LLaVA-NeXT inputs need image_sizes (pass the processor's whole output)")
+        if sizes.shape[0] != batch:
+            raise ConfigError(f"{sizes.shape[0]} images for {batch} prompts: crop supports one image per prompt")
+        layouts = []
+        for height, width in sizes.tolist():
+            layout = token_layout(self.model.config, None, (int(width), int(height)))
+            layouts.append(
+                VisualLayout(
+                    rows=1,
+                    cols=layout.num_tokens,
+                    cells=layout.cells,
+                    grids=(layout.base_grid, layout.high_grid),
+                    grid_viewports=(layout.base_viewport, layout.high_viewport),
+                )
+            )
+        return layouts
+
+    def viewport(self, processor: Any, image_size: tuple[int, int]) -> Viewport:
+        """Unused: each of the image's grids carries its own viewport (`VisualLayout.grid_viewports`)."""
+        if processor is not None:
+            check_processor(self.model.config, processor)
+        return Viewport()
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise UnsupportedModelError("LLaVA-NeXT: methods acting before the LLM are not supported yet")
+
+    def embed(self, input_ids: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        raise UnsupportedModelError("LLaVA-NeXT: methods acting before the LLM are not supported yet")
