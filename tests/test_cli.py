@@ -137,3 +137,14 @@ def test_methods_are_listed_and_selectable(checkpoint, image_path, capsys):
     assert "no region" in capsys.readouterr().err
     assert main([*base, "--method", "magic", "--budget", "3"]) == 2
     assert "unknown method 'magic'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("localizer", ["attention", "attention-fused"])
+def test_ask_with_the_attention_localizer(checkpoint, image_path, capsys, localizer):
+    """Both forms print the region they chose; the fused one names its method."""
+    code = main(ask(checkpoint, image_path, "--localizer", localizer, "--max-new-tokens", "2"))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "region: Region(" in out
+    if localizer == "attention-fused":
+        assert "CROP-fused" in out
