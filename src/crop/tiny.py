@@ -189,6 +189,33 @@ def build_model(
 ) -> LlavaForConditionalGeneration:
     """A random-weight LLaVA with a `(image_size/patch_size)^2` token grid and a small Llama (GQA 4:2)."""
     tokenizer = build_tokenizer(words)
+    vision, text = tower_configs(
+        tokenizer, image_size, patch_size, vision_hidden, vision_layers, text_hidden, text_layers, initializer_range
+    )
+    if vocab_size is not None:
+        text.vocab_size = vocab_size
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy=select_strategy,
+        initializer_range=initializer_range,
+    )
+    return instantiate(LlavaForConditionalGeneration, config, tokenizer, attn_implementation, seed)
+
+
+def tower_configs(
+    tokenizer: PreTrainedTokenizerFast,
+    image_size: int,
+    patch_size: int,
+    vision_hidden: int,
+    vision_layers: int,
+    text_hidden: int,
+    text_layers: int,
+    initializer_range: float,
+) -> tuple[CLIPVisionConfig, LlamaConfig]:
+    """The small CLIP tower and Llama (GQA 4:2) configs the tiny LLaVA-family models share."""
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden,
         intermediate_size=2 * vision_hidden,
@@ -198,7 +225,7 @@ def build_model(
         patch_size=patch_size,
     )
     text = LlamaConfig(
-        vocab_size=vocab_size or len(tokenizer),
+        vocab_size=len(tokenizer),
         hidden_size=text_hidden,
         intermediate_size=2 * text_hidden,
         num_hidden_layers=text_layers,
@@ -210,17 +237,14 @@ def build_model(
         eos_token_id=tokenizer.eos_token_id,
         initializer_range=initializer_range,
     )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-1,
-        vision_feature_select_strategy=select_strategy,
-        initializer_range=initializer_range,
-    )
-    config._attn_implementation = attn_implementation
+    return vision, text
+
+
+def instantiate(model_class: type, config: Any, tokenizer: PreTrainedTokenizerFast, attn: str, seed: int) -> Any:
+    """A seeded random-weight float32 model of `model_class` in eval mode, generating with the tokenizer's pad/eos."""
+    config._attn_implementation = attn
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
+    model = model_class(config).to(torch.float32)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.eval()

@@ -9,18 +9,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from PIL import Image
 from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
 )
 from transformers.models.llava_next import LlavaNextImageProcessorPil
 
-from crop.tiny import CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, build_tokenizer
+from crop.tiny import CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, build_tokenizer, instantiate, tower_configs
 
 
 def default_pinpoints(image_size: int) -> list[list[int]]:
@@ -67,26 +64,8 @@ def build_next_model(
 ) -> LlavaNextForConditionalGeneration:
     """A random-weight float32 LLaVA-NeXT in eval mode: a small CLIP tower and a small Llama (GQA 4:2)."""
     tokenizer = build_tokenizer(words)
-    vision = CLIPVisionConfig(
-        hidden_size=vision_hidden,
-        intermediate_size=2 * vision_hidden,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=2 if vision_hidden < 64 else 4,
-        image_size=image_size,
-        patch_size=patch_size,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=text_hidden,
-        intermediate_size=2 * text_hidden,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        initializer_range=initializer_range,
+    vision, text = tower_configs(
+        tokenizer, image_size, patch_size, vision_hidden, vision_layers, text_hidden, text_layers, initializer_range
     )
     config = LlavaNextConfig(
         vision_config=vision,
@@ -97,12 +76,7 @@ def build_next_model(
         vision_feature_select_strategy="default",
         initializer_range=initializer_range,
     )
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).to(torch.float32)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model.eval()
+    return instantiate(LlavaNextForConditionalGeneration, config, tokenizer, attn_implementation, seed)
 
 
 def next_inputs(

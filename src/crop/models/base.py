@@ -92,20 +92,21 @@ class ModelAdapter(ABC):
         return self.text_config._attn_implementation
 
     @property
-    @abstractmethod
-    def text_config(self) -> Any: ...
+    def text_config(self) -> Any:
+        return self.model.config.text_config
 
     @property
-    @abstractmethod
-    def image_token_id(self) -> int: ...
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
 
     @property
-    @abstractmethod
-    def pad_token_id(self) -> int: ...
+    def pad_token_id(self) -> int:
+        pad = self.text_config.pad_token_id
+        return int(pad if pad is not None else 0)
 
-    @abstractmethod
     def decoder_layers(self) -> Sequence[nn.Module]:
-        """The LLM's decoder layers, in order."""
+        """The LLM's decoder layers, in order (where transformers 5 puts them for LLaVA and Qwen families)."""
+        return self.model.model.language_model.layers
 
     @abstractmethod
     def visual_layout(self) -> VisualLayout | None:
@@ -119,13 +120,13 @@ class ModelAdapter(ABC):
     def viewport(self, processor: Any, image_size: tuple[int, int]) -> Viewport:
         """Where an image of `(width, height)` lands on the token grid after the processor."""
 
-    @abstractmethod
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected visual tokens `(images, tokens, dim)`, as the LLM would receive them."""
+        """Projected visual tokens `(images, tokens, dim)`, as the LLM would receive them (pre-LLM methods)."""
+        raise UnsupportedModelError(f"{self.family}: methods acting before the LLM are not supported yet")
 
-    @abstractmethod
     def embed(self, input_ids: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Input embeddings with `features[b]` written over row b's image placeholders."""
+        """Input embeddings with `features[b]` written over row b's image placeholders (pre-LLM methods)."""
+        raise UnsupportedModelError(f"{self.family}: methods acting before the LLM are not supported yet")
 
     def query_attention(
         self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], count: int = 1

@@ -23,22 +23,6 @@ class LlavaAdapter(ModelAdapter):
         if not isinstance(self.model.config.vision_config.image_size, int):
             raise UnsupportedModelError("LLaVA adapter expects a square vision tower (integer image_size)")
 
-    @property
-    def text_config(self) -> Any:
-        return self.model.config.text_config
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
-    @property
-    def pad_token_id(self) -> int:
-        pad = self.model.config.text_config.pad_token_id
-        return int(pad if pad is not None else 0)
-
-    def decoder_layers(self) -> Sequence[nn.Module]:
-        return self.model.model.language_model.layers
-
     def visual_layout(self) -> VisualLayout:
         vision = self.model.config.vision_config
         side = vision.image_size // vision.patch_size

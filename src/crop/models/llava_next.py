@@ -11,12 +11,10 @@ stays when its row keeps a token. Methods acting before the LLM are not supporte
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from crop.errors import ConfigError, UnsupportedModelError
@@ -150,22 +148,6 @@ class LlavaNextAdapter(ModelAdapter):
     family = "llava-next"
     supports_pre_llm = False
 
-    @property
-    def text_config(self) -> Any:
-        return self.model.config.text_config
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
-    @property
-    def pad_token_id(self) -> int:
-        pad = self.model.config.text_config.pad_token_id
-        return int(pad if pad is not None else 0)
-
-    def decoder_layers(self) -> Sequence[nn.Module]:
-        return self.model.model.language_model.layers
-
     def visual_layout(self) -> VisualLayout | None:
         return None
 
@@ -195,9 +177,3 @@ class LlavaNextAdapter(ModelAdapter):
         if processor is not None:
             check_processor(self.model.config, processor)
         return Viewport()
-
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        raise UnsupportedModelError("LLaVA-NeXT: methods acting before the LLM are not supported yet")
-
-    def embed(self, input_ids: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        raise UnsupportedModelError("LLaVA-NeXT: methods acting before the LLM are not supported yet")

@@ -12,11 +12,7 @@ spliced tokens: not supported yet.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
-
-import torch
-from torch import nn
 
 from crop.errors import ConfigError, UnsupportedModelError
 from crop.models.base import ModelAdapter, VisualLayout
@@ -28,22 +24,6 @@ class Qwen2VLAdapter(ModelAdapter):
 
     family = "qwen2-vl"
     supports_pre_llm = False
-
-    @property
-    def text_config(self) -> Any:
-        return self.model.config.text_config
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
-    @property
-    def pad_token_id(self) -> int:
-        pad = self.model.config.text_config.pad_token_id
-        return int(pad if pad is not None else 0)
-
-    def decoder_layers(self) -> Sequence[nn.Module]:
-        return self.model.model.language_model.layers
 
     def visual_layout(self) -> VisualLayout | None:
         return None
@@ -69,9 +49,3 @@ class Qwen2VLAdapter(ModelAdapter):
         """The resize keeps the aspect ratio (up to rounding to whole patches) and crops nothing: the grid shows
         the whole image."""
         return Viewport()
-
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        raise UnsupportedModelError("Qwen2-VL: methods acting before the LLM are not supported yet")
-
-    def embed(self, input_ids: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        raise UnsupportedModelError("Qwen2-VL: methods acting before the LLM are not supported yet")
