@@ -101,3 +101,22 @@ def reference_logits(model, inputs: dict, keep: torch.Tensor, layer: int) -> tor
         mask = causal_mask(hidden.shape[1], hidden.dtype)
         hidden = decoder_layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=positions)
     return model.lm_head(text_model.norm(hidden))[0]
+
+
+def full_region_logits_match(model, processor, inputs: dict) -> list[int]:
+    """CROP-ILP with the whole image as region must give the unmodified model's logits on every real position;
+    returns each row's image-token count."""
+    import crop
+    from crop.region import Region
+
+    batch = inputs["input_ids"].shape[0]
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    pruned = crop.apply(model, processor, ilp=2)
+    try:
+        output, stats = pruned(**inputs, regions=[Region.full()] * batch)
+    finally:
+        pruned.remove()
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(output.logits[real], expected[real], atol=1e-5, rtol=0)
+    return [row.image_tokens for row in stats.rows]
