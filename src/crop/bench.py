@@ -23,6 +23,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import crop
+from crop.errors import ConfigError
 from crop.localize.attention import AttentionLocalizer
 from crop.region import Region
 from crop.strategies.base import Method
@@ -242,8 +243,10 @@ def run(
     out: Path | None = Path("results") / "bench.json",
     threads: int | None = None,
     progress: Callable[[str], None] = print,
+    methods: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Measure every case; repeats are interleaved (case order rotates each round)."""
+    """Measure every case (or, with `methods`, those and full and the ideal); repeats are interleaved (case order
+    rotates each round)."""
     if threads:
         torch.set_num_threads(threads)
     shape = SHAPES[shape_name]
@@ -253,6 +256,12 @@ def run(
     inputs = bench_inputs(shape, device=device, dtype=torch_dtype)
     region = Region.from_grid([2, 2, 5, 5])
     all_cases = cases(shape, list(budgets), region)
+    if methods:
+        known = {case.name for case in all_cases}
+        unknown = sorted(set(methods) - known)
+        if unknown:
+            raise ConfigError(f"unknown benchmark rows {unknown}; available: {sorted(known)}")
+        all_cases = [case for case in all_cases if case.name in {*methods, "full", "ideal"}]
     for round_index in range(warmup + repeats):
         order = all_cases[round_index % len(all_cases) :] + all_cases[: round_index % len(all_cases)]
         for case in order:

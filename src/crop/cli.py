@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     bench.add_argument("--out", type=Path, default=Path("results") / "bench.json")
+    bench.add_argument(
+        "--methods", nargs="+", help="only these rows (e.g. crop-ilp fastv crop-fused); full and ideal always run"
+    )
     bench.set_defaults(run=_run_bench)
 
     methods = commands.add_parser("methods", help="list the pruning methods")
@@ -156,7 +159,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         args.shape, args.repeats, args.new_tokens = "small", 2, 8
     report = bench.run(
         args.shape, tuple(args.budgets), repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens,
-        device=args.device, dtype=args.dtype, out=args.out, threads=args.threads,
+        device=args.device, dtype=args.dtype, out=args.out, threads=args.threads, methods=args.methods,
     )  # fmt: skip
     print(f"{report['shape']['name']}: {report['note']}; {report['device']} {report['dtype']}; {report['machine']}")
     text = bench.table(report)
