@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--vision-steps", type=int, default=2500, help="stage 1: vision tower on per-patch heads")
     train.add_argument("--steps", type=int, default=4000, help="stage 2: questions and localization")
     train.add_argument(
-        "--refine-steps", type=int, default=2500, help="stage 3: the stage-2 mix after a warm restart at a lower lr"
+        "--refine-steps", type=int, default=0, help="stage 3 (default off): a warm restart at a lower lr"
     )
     train.add_argument("--grounding-weight", type=float, default=0.5)
     train.add_argument(
