@@ -22,7 +22,7 @@ SIDE = 12
 @pytest.mark.parametrize("layer", [0, 1, 2])
 def test_relevance_equals_explicit_attention_of_the_question_rows(sdpa_model, processor, layer):
     image, question = make_image(seed=1), QUESTIONS[0]
-    localizer = AttentionLocalizer(sdpa_model, processor, layer=layer)
+    localizer = AttentionLocalizer(sdpa_model, processor, layer=layer, rows="question")
     relevance, _ = localizer.relevance(image, question)
     eager = build_model(attn_implementation="eager")
     inputs = processor(images=image, text=build_prompt(processor, question), return_tensors="pt")

@@ -104,8 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, default=Path("results") / "synth_eval.json")
     evaluate.add_argument("--plot", type=Path, default=Path("results") / "synth_budget.png")
     evaluate.add_argument("--threads", type=int, default=2)
-    evaluate.add_argument("--attention-penalty", type=float, default=0.9, help="attention localizer's box penalty")
-    evaluate.add_argument("--attention-rows", default="question", choices=["question", "last"])
+    evaluate.add_argument("--attention-penalty", type=float, default=0.5, help="attention localizer's box penalty")
+    evaluate.add_argument("--attention-rows", default="last", choices=["question", "last"])
     evaluate.set_defaults(run=_run_synth_eval)
     tune = synth.add_parser(
         "tune-attention", help="attention localizer's layer and penalty by localization IoU on the validation split"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from crop.localize.attention import DEFAULT_PENALTY, check_settings, region_from_relevance
+from crop.localize.attention import DEFAULT_PENALTY, DEFAULT_ROWS, check_settings, region_from_relevance
 from crop.region import Region, Viewport
 from crop.stats import FINE
 from crop.strategies.base import Method, Selection, check_budget
@@ -28,7 +28,7 @@ class FusedCROP(Method):
     needs_grid = True
 
     def __init__(
-        self, layer: int = 2, penalty: float = DEFAULT_PENALTY, budget: int | None = None, rows: str = "question"
+        self, layer: int = 2, penalty: float = DEFAULT_PENALTY, budget: int | None = None, rows: str = DEFAULT_ROWS
     ) -> None:
         self.layer = layer
         self.penalty = penalty

@@ -18,7 +18,7 @@ from tqdm import tqdm
 import crop
 from crop.loading import load_model
 from crop.localize import AttentionLocalizer, GridVLMLocalizer
-from crop.localize.attention import DEFAULT_PENALTY, ROWS, region_from_relevance
+from crop.localize.attention import DEFAULT_PENALTY, DEFAULT_ROWS, ROWS, region_from_relevance
 from crop.region import Region
 from crop.strategies.base import Method
 from crop.strategies.crop_fused import FusedCROP
@@ -49,7 +49,7 @@ class Variant:
 
 
 def variants(
-    grid_tokens: int, layer: int = 2, penalty: float = DEFAULT_PENALTY, attention_rows: str = "question"
+    grid_tokens: int, layer: int = 2, penalty: float = DEFAULT_PENALTY, attention_rows: str = DEFAULT_ROWS
 ) -> list[Variant]:
     """Full tokens, CROP's forms with predicted and oracle regions, and the baselines at the three budgets."""
     rows = [
@@ -152,7 +152,7 @@ def evaluate(
     cost_samples: int = 20,
     layer: int = 2,
     attention_penalty: float = DEFAULT_PENALTY,
-    attention_rows: str = "question",
+    attention_rows: str = DEFAULT_ROWS,
 ) -> dict[str, Any]:
     """Run every variant on the first `count` test samples; write the JSON (and plot) and return the results.
 
@@ -276,7 +276,8 @@ def _localizer_cost(model, processor, samples: list[Sample], repeats: int = 5) -
 
 
 def plot_results(results: dict[str, Any], path: Path) -> None:
-    """Accuracy versus visual tokens kept, one line per budgeted method, points for region-sized CROP."""
+    """Accuracy versus visual tokens kept: one line per method at the three budgets (CROP with the trained
+    localizer), a point for every other row (region-sized CROP, other regions at 1/9), labelled once per place."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -286,14 +287,20 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
     rows = results["variants"]
     methods = (("crop-ilp-budget", "o"), ("fastv", "^"), ("pyramiddrop", "v"), ("sparsevlm", "P"), ("visionzip", "D"),
                ("random", "x"), ("pool", "s"))  # fmt: skip
+    on_lines = set()
     for name, marker in methods:
-        line = sorted((r["kept_tokens"], r["accuracy"]["all"]) for r in rows if r["name"] == name)
+        chosen = [r for r in rows if r["name"] == name and r["region"] in (None, "predicted")]
+        on_lines.update(id(r) for r in chosen)
+        line = sorted((r["kept_tokens"], r["accuracy"]["all"]) for r in chosen)
         axis.plot(*zip(*line, strict=True), marker=marker, label=name)
+    labels: dict[tuple[float, float], list[str]] = {}
     for row in rows:
-        if row["budget"] in ("region", "all"):
-            axis.scatter(row["kept_tokens"], row["accuracy"]["all"], marker="*", s=90, zorder=3)
-            axis.annotate(row["name"], (row["kept_tokens"], row["accuracy"]["all"]), fontsize=7,
-                          xytext=(4, 4), textcoords="offset points")  # fmt: skip
+        if id(row) not in on_lines:
+            place = (round(row["kept_tokens"], 1), round(row["accuracy"]["all"], 4))
+            labels.setdefault(place, []).append(row["name"] + (f" ({row['region']})" if row["region"] else ""))
+    for (tokens, accuracy), names in labels.items():
+        axis.scatter(tokens, accuracy, marker="*", s=90, zorder=3)
+        axis.annotate(" = ".join(names), (tokens, accuracy), fontsize=6, xytext=(4, 4), textcoords="offset points")
     axis.set_xlabel("visual tokens kept (after the last reduction)")
     axis.set_ylabel("exact-match accuracy (synthetic test split)")
     axis.set_title(f"Accuracy vs. visual tokens, {results['samples']} test questions")
