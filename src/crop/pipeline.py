@@ -242,6 +242,8 @@ class CropModel:
                 weights = weights.repeat_interleave(repeat, 0)
                 attention = pool_rows(self.adapter.query_attention(layer, hidden, kwargs, weights.shape[1]), weights)
             else:
+                if self.method.locates:
+                    question_weights(cell_of)  # refuses prompts with no text after the image, as two-pass does
                 attention = self.adapter.query_attention(layer, hidden, kwargs)[:, :, 0]
             real = attention_mask.bool().repeat_interleave(repeat, 0).gather(1, current.index)
             keep = current.valid & real

@@ -171,7 +171,9 @@ class AttentionLocalizer:
             handle.remove()
         layout = self.adapter.visual_layout()
         cell_of = _grid_cells(inputs["input_ids"], self.adapter.image_token_id, layout.leading)
-        weights = question_weights(cell_of) if self.rows == "question" else torch.ones(1, 1)
+        weights = question_weights(cell_of)  # also refuses prompts with no text after the image
+        if self.rows == "last":
+            weights = torch.ones(1, 1)
         attention = self.adapter.query_attention(layer, captured["hidden"], captured["kwargs"], weights.shape[1])
         pooled = pool_rows(attention, weights)[0]
         grid = (cell_of[0] >= 0).nonzero().squeeze(1)
