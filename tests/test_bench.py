@@ -16,8 +16,8 @@ def test_bench_smoke_and_kv_cache_bytes(tmp_path, capsys):
     assert main(argv) == 0
     report = json.loads(out.read_text())
     methods = {row["method"] for row in report["rows"]}
-    expected = {"full", "crop-ilp", "crop-attn-2pass", "crop-fused", "fastv", "pyramiddrop", "sparsevlm", "visionzip"}
-    assert expected | {"random", "pool", "ideal"} <= methods
+    expected = {"full", "crop-ilp", "crop-attn-2pass", "crop-fused", "fastv", "pyramiddrop", "sparsevlm", "ideal-k2"}
+    assert expected | {"visionzip", "random", "pool", "ideal"} <= methods
     assert all(row["kv_cache_matches_analytic"] for row in report["rows"])
     assert "| full | all | 64 |" in capsys.readouterr().out
     assert out.with_suffix(".png").is_file()
@@ -30,3 +30,28 @@ def test_analytic_counts():
     one_layer = prefill_flops(shape, [10])
     expected = 2 * 10 * 64 * (2 * 64 + 2 * 32) + 4 * 100 * 64 + 6 * 10 * 64 * 128
     assert one_layer == expected
+
+
+def test_depth_profile_ideal_computes_what_ilp_computes():
+    """The K=2 ideal (plain calls, no hooks) fills the KV cache exactly as CROP-ILP at K=2 keeping the same tokens."""
+    import torch
+
+    import crop
+    from crop.bench import _profile_ideal_prefill, bench_inputs, build_bench_model
+    from crop.region import Region
+
+    shape = SHAPES["tiny"]
+    torch.manual_seed(0)
+    model = build_bench_model(shape)
+    inputs = bench_inputs(shape)
+    half = shape.grid_tokens // 2
+    ideal_cache = _profile_ideal_prefill(model, inputs, half, 2)()["cache"]
+    pruned = crop.apply(model, None, ilp=2)
+    try:
+        output, stats = pruned(**inputs, regions=[Region(0.0, 0.0, 1.0, 0.5)], use_cache=True)
+    finally:
+        pruned.remove()
+    assert stats.rows[0].kept_tokens == half
+    for ideal_layer, pruned_layer in zip(ideal_cache.layers, output.cache.layers, strict=True):
+        torch.testing.assert_close(ideal_layer.keys, pruned_layer.keys, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ideal_layer.values, pruned_layer.values, atol=1e-5, rtol=0)

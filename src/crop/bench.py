@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import crop
@@ -124,6 +125,17 @@ def prefill_flops(shape: Shape, tokens_per_layer: list[int]) -> float:
     return total
 
 
+def vision_flops(shape: Shape) -> float:
+    """Analytic FLOPs of encoding one image: patch embedding, every vision layer on the patches and CLS (transformers
+    runs them all to return hidden states), and the two-layer projector on the grid tokens. The same for every
+    method (two-pass localization encodes the image a second time, which this count leaves out)."""
+    tokens, h = shape.grid_tokens + 1, shape.vision_hidden
+    embedding = 2 * shape.grid_tokens * 3 * shape.patch_size**2 * h
+    per_layer = 2 * tokens * h * 4 * h + 2 * 2 * tokens * tokens * h + 2 * 2 * tokens * h * shape.vision_intermediate
+    projector = 2 * shape.grid_tokens * (h * shape.hidden + shape.hidden * shape.hidden)
+    return embedding + shape.vision_layers * per_layer + projector
+
+
 def kv_cache_bytes(shape: Shape, tokens_per_layer: list[int], dtype: torch.dtype, batch: int = 1) -> int:
     """Keys and values of every layer after prefill."""
     head_dim = shape.hidden // shape.heads
@@ -198,6 +210,8 @@ class Case:
     method: Callable[[], Method] | None
     region: Region | None = None
     ideal_tokens: int | None = None
+    ideal_layer: int = 0
+    """For the ideal: layers before this one see every token (the depth profile of an in-LLM method at K)."""
     localizer: Callable[[Any], AttentionLocalizer] | None = None
     """Builds the two-pass localizer whose run is timed as part of the prefill (the region then comes from it)."""
     results: dict[str, list[float]] = field(default_factory=dict)
@@ -228,6 +242,7 @@ def cases(shape: Shape, budgets: list[int], region: Region) -> list[Case]:
             Case("random", str(n), lambda n=n: RandomSelection(n)),
             Case("pool", str(n), lambda n=n: UniformPooling(n)),
             Case("ideal", str(n), None, ideal_tokens=n),
+            Case("ideal-k2", str(n), None, ideal_tokens=n, ideal_layer=2),
         ]
     return rows
 
@@ -261,7 +276,7 @@ def run(
         unknown = sorted(set(methods) - known)
         if unknown:
             raise ConfigError(f"unknown benchmark rows {unknown}; available: {sorted(known)}")
-        all_cases = [case for case in all_cases if case.name in {*methods, "full", "ideal"}]
+        all_cases = [case for case in all_cases if case.name in {*methods, "full", "ideal", "ideal-k2"}]
     for round_index in range(warmup + repeats):
         order = all_cases[round_index % len(all_cases) :] + all_cases[: round_index % len(all_cases)]
         for case in order:
@@ -278,7 +293,10 @@ def run(
 
 
 def _measure(model: Any, inputs: dict, case: Case, shape: Shape, new_tokens: int, device: str) -> dict[str, float]:
-    if case.ideal_tokens is not None:
+    if case.ideal_tokens is not None and case.ideal_layer:
+        prefill_call, generate_call = _profile_ideal_prefill(model, inputs, case.ideal_tokens, case.ideal_layer), None
+        per_layer = [shape.grid_tokens] * case.ideal_layer + [case.ideal_tokens] * (shape.llm_layers - case.ideal_layer)
+    elif case.ideal_tokens is not None:
         prefill_call, generate_call = _ideal_calls(model, inputs, case.ideal_tokens)
         per_layer = [case.ideal_tokens] * shape.llm_layers
     else:
@@ -298,8 +316,9 @@ def _measure(model: Any, inputs: dict, case: Case, shape: Shape, new_tokens: int
     try:
         with torch.inference_mode(), PeakMemory(device) as memory:
             prefill, output = timed(prefill_call, device)
-        first_token, _ = timed(lambda: generate_call(1), device)
-        generate, _ = timed(lambda: generate_call(new_tokens + 1), device)
+        if generate_call is not None:
+            first_token, _ = timed(lambda: generate_call(1), device)
+            generate, _ = timed(lambda: generate_call(new_tokens + 1), device)
     finally:
         if case.ideal_tokens is None:
             pruned.remove()
@@ -310,14 +329,59 @@ def _measure(model: Any, inputs: dict, case: Case, shape: Shape, new_tokens: int
     tokens = [n + TEXT_TOKENS for n in per_layer]
     return {
         "prefill_s": prefill,
-        "decode_tokens_per_s": new_tokens / max(generate - first_token, 1e-9),
+        "decode_tokens_per_s": new_tokens / max(generate - first_token, 1e-9) if generate_call else None,
         "peak_memory_bytes": memory.peak,
         "kv_cache_bytes": measured_cache_bytes(cache),
         "kv_cache_bytes_analytic": kv_cache_bytes(shape, tokens, cache.layers[0].keys.dtype),
         "flops_prefill": prefill_flops(shape, tokens),
+        "flops_vision": vision_flops(shape),
         "kept_tokens": per_layer[-1],
         "average_tokens": sum(per_layer) / len(per_layer),
     }
+
+
+def _profile_ideal_prefill(model: Any, inputs: dict, kept: int, layer: int) -> Callable[[], Any]:
+    """The ideal at the depth profile of an in-LLM method at `layer`: plain calls of the language model, layers
+    `< layer` on every token, then layers `>= layer` on the text and the first `kept` visual tokens at their
+    original positions; no selection work and no hooks. (The layer list is swapped on this instance for the call
+    and put back.) Returns the prefill; the two caches are joined into one."""
+    config = model.config
+    language_model = model.model.language_model
+    ids = inputs["input_ids"][0]
+    visual = (ids == config.image_token_id).nonzero().squeeze(1)
+    keep = torch.ones(ids.numel(), dtype=torch.bool, device=ids.device)
+    keep[visual[kept:]] = False
+    positions = keep.nonzero().squeeze(1)[None]
+    layers, norm = language_model.layers, language_model.norm
+
+    def run(chosen: nn.ModuleList, **kwargs: Any) -> Any:
+        language_model.layers = chosen
+        try:
+            return language_model(use_cache=True, **kwargs)
+        finally:
+            language_model.layers, language_model.norm = layers, norm
+
+    def prefill() -> Any:
+        with torch.inference_mode():
+            features = model.model.get_image_features(
+                pixel_values=inputs["pixel_values"],
+                vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+            ).pooler_output[0]
+            embedded = model.get_input_embeddings()(inputs["input_ids"])
+            embedded = embedded.masked_scatter((inputs["input_ids"] == config.image_token_id)[..., None], features)
+            language_model.norm = nn.Identity()
+            head = run(nn.ModuleList(layers[:layer]), inputs_embeds=embedded, attention_mask=inputs["attention_mask"])
+            hidden = head.last_hidden_state[:, positions[0]]
+            mask = torch.ones(1, hidden.shape[1], dtype=torch.long, device=hidden.device)
+            tail = run(nn.ModuleList(layers[layer:]), inputs_embeds=hidden, attention_mask=mask, position_ids=positions)
+            model.lm_head(tail.last_hidden_state[:, -1:])
+            cache = tail.cache
+            for index in range(layer):
+                cache.layers[index] = head.cache.layers[index]
+            return {"cache": cache}
+
+    return prefill
 
 
 def _ideal_calls(model: Any, inputs: dict, kept: int) -> tuple[Callable[[], Any], Callable[[int], Any]]:
@@ -355,7 +419,9 @@ def _report(shape: Shape, all_cases: list[Case], budgets, device: str, dtype: st
     full = next(c for c in all_cases if c.name == "full")
     full_prefill = statistics.median(full.results["prefill_s"])
     full_flops = full.results["flops_prefill"][0]
+    vision = full.results["flops_vision"][0]
     ideal = {c.budget: statistics.median(c.results["prefill_s"]) for c in all_cases if c.name == "ideal"}
+    profile = {c.budget: statistics.median(c.results["prefill_s"]) for c in all_cases if c.name == "ideal-k2"}
     rows = []
     for case in all_cases:
         measured, analytic = case.results["kv_cache_bytes"][0], case.results["kv_cache_bytes_analytic"][0]
@@ -369,8 +435,10 @@ def _report(shape: Shape, all_cases: list[Case], budgets, device: str, dtype: st
             "prefill_s": {"median": median, "min": min(prefill), "max": max(prefill)},
             "prefill_ratio_to_full": median / full_prefill,
             "prefill_ratio_to_ideal": median / ideal[case.budget] if case.budget in ideal else None,
-            "flops_ratio_to_full": case.results["flops_prefill"][0] / full_flops,
-            "decode_tokens_per_s": statistics.median(case.results["decode_tokens_per_s"]),
+            "prefill_ratio_to_ideal_k2": median / profile[case.budget] if case.budget in profile else None,
+            "flops_ratio_to_full": (case.results["flops_prefill"][0] + vision) / (full_flops + vision),
+            "llm_flops_ratio_to_full": case.results["flops_prefill"][0] / full_flops,
+            "decode_tokens_per_s": _median_or_none(case.results["decode_tokens_per_s"]),
             "peak_memory_mb": statistics.median(case.results["peak_memory_bytes"]) / 2**20,
             "kv_cache_mb": measured / 2**20,
             "kv_cache_matches_analytic": measured == analytic,
@@ -391,21 +459,31 @@ def _report(shape: Shape, all_cases: list[Case], budgets, device: str, dtype: st
     }  # fmt: skip
 
 
+def _median_or_none(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else statistics.median(values)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def table(report: dict[str, Any]) -> str:
     """The report as a Markdown table."""
     lines = [
-        "| method | budget | kept | avg over layers | prefill ms (min-max) | x full | x ideal | FLOPs x full | "
-        "decode tok/s | peak MB | KV MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | budget | kept | avg over layers | prefill ms (min-max) | x full | x ideal | x ideal K=2 | "
+        "FLOPs x full | decode tok/s | peak MB | KV MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         prefill = row["prefill_s"]
         ideal = "-" if row["prefill_ratio_to_ideal"] is None else f"{row['prefill_ratio_to_ideal']:.2f}"
+        ratio_k2 = row.get("prefill_ratio_to_ideal_k2")
+        profile = "-" if ratio_k2 is None else f"{ratio_k2:.2f}"
         lines.append(
             f"| {row['method']} | {row['budget']} | {row['kept_tokens']} | {row['average_tokens_over_layers']:.1f} | "
             f"{1000 * prefill['median']:.1f} ({1000 * prefill['min']:.1f}-{1000 * prefill['max']:.1f}) | "
-            f"{row['prefill_ratio_to_full']:.2f} | {ideal} | {row['flops_ratio_to_full']:.2f} | "
-            f"{row['decode_tokens_per_s']:.1f} | {row['peak_memory_mb']:.0f} | {row['kv_cache_mb']:.2f} |"
+            f"{row['prefill_ratio_to_full']:.2f} | {ideal} | {profile} | {row['flops_ratio_to_full']:.2f} | "
+            f"{_number(row['decode_tokens_per_s'])} | {row['peak_memory_mb']:.0f} | {row['kv_cache_mb']:.2f} |"
         )
     return "\n".join(lines)
 
