@@ -8,6 +8,7 @@ tokens from the start, with no selection work) are computed within the run.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -212,8 +213,9 @@ class Case:
     ideal_tokens: int | None = None
     ideal_layer: int = 0
     """For the ideal: layers before this one see every token (the depth profile of an in-LLM method at K)."""
-    localizer: Callable[[Any], AttentionLocalizer] | None = None
-    """Builds the two-pass localizer whose run is timed as part of the prefill (the region then comes from it)."""
+    localizer: Callable[[Any, dict], Callable[[], Region]] | None = None
+    """Given the target model and the inputs, a localization call that is timed as part of the prefill (the
+    region then comes from it)."""
     results: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -222,12 +224,17 @@ def cases(shape: Shape, budgets: list[int], region: Region) -> list[Case]:
     pass, timed; fused into the prefill); the baselines at each budget; the ideal per budget."""
     grid = shape.grid_tokens
     region_tokens = int(region.token_mask(int(grid**0.5), int(grid**0.5)).sum())
-    two_pass = lambda model: AttentionLocalizer(model, None, layer=1)  # noqa: E731
+
+    def two_pass(model: Any, inputs: dict) -> Callable[[], Region]:
+        localizer = AttentionLocalizer(model, None, layer=1)
+        return lambda: localizer.localize_inputs(inputs)
+
     rows = [
         Case("full", "all", None),
         Case("crop-ilp", "region", lambda: CROP(ILP(2)), region),
         Case("crop-attn-2pass", "region", lambda: CROP(ILP(2)), localizer=two_pass),
         Case("crop-fused", "region", lambda: FusedCROP(2)),
+        Case("crop-grid-loc", "region", lambda: CROP(ILP(2)), localizer=grid_localizer),
         Case("ideal", "region", None, ideal_tokens=region_tokens),
     ]
     for n in budgets:
@@ -235,6 +242,7 @@ def cases(shape: Shape, budgets: list[int], region: Region) -> list[Case]:
             Case("crop-ilp", str(n), lambda n=n: CROP(ILP(2), budget=n), region),
             Case("crop-attn-2pass", str(n), lambda n=n: CROP(ILP(2), budget=n), localizer=two_pass),
             Case("crop-fused", str(n), lambda n=n: FusedCROP(2, budget=n)),
+            Case("crop-grid-loc", str(n), lambda n=n: CROP(ILP(2), budget=n), localizer=grid_localizer),
             Case("fastv", str(n), lambda n=n: FastV(budget=n, layer=2)),
             Case("pyramiddrop", str(n), lambda n=n: PyramidDrop(budget=n)),
             Case("sparsevlm", str(n), lambda n=n: SparseVLM(budget=n)),
@@ -245,6 +253,34 @@ def cases(shape: Shape, budgets: list[int], region: Region) -> list[Case]:
             Case("ideal-k2", str(n), None, ideal_tokens=n, ideal_layer=2),
         ]
     return rows
+
+
+def grid_localizer(model: Any, inputs: dict) -> Callable[[], Region]:
+    """The paper's localizer (built once per process), timed: a Qwen2-VL-2B-shaped VLM (random weights; vision
+    32 x 1280, LLM 28 x 1536, MLP 8960, GQA 12:2) asked for the grid box of a 336 px image, answering 12 tokens (a
+    box like `[2, 3, 5, 6]`). Its answer is unparsable noise, so the region falls back to the whole image: only the
+    time means something. Run it by name (`--methods crop-grid-loc`): it is not in the default set."""
+    return _grid_localizer_call()
+
+
+@functools.cache
+def _grid_localizer_call() -> Callable[[], Region]:
+    from PIL import Image
+
+    from crop.localize import GridVLMLocalizer
+    from crop.tiny_qwen import build_qwen_model, build_qwen_processor
+
+    side = 336
+    processor = build_qwen_processor(min_pixels=side * side, max_pixels=side * side)
+    localizer_model = build_qwen_model(
+        text_layers=28, text_hidden=1536, text_heads=12, text_kv_heads=2, text_intermediate=8960,
+        vision_hidden=1280, vision_layers=32, vision_heads=16, vision_mlp_ratio=4, mrope_section=(16, 24, 24),
+        vocab_size=151936, initializer_range=0.02,
+    )  # fmt: skip
+    localizer_model.generation_config.eos_token_id = None  # always the 12 tokens of a box answer
+    localizer = GridVLMLocalizer(localizer_model, processor, max_new_tokens=12)
+    image = Image.fromarray(torch.randint(0, 255, (side, side, 3), dtype=torch.uint8).numpy())
+    return lambda: localizer.localize(image, "what is written on the sign ?")
 
 
 def run(
@@ -277,6 +313,8 @@ def run(
         if unknown:
             raise ConfigError(f"unknown benchmark rows {unknown}; available: {sorted(known)}")
         all_cases = [case for case in all_cases if case.name in {*methods, "full", "ideal", "ideal-k2"}]
+    else:  # a 2B-parameter localizer: only when asked for by name
+        all_cases = [case for case in all_cases if case.name != "crop-grid-loc"]
     for round_index in range(warmup + repeats):
         order = all_cases[round_index % len(all_cases) :] + all_cases[: round_index % len(all_cases)]
         for case in order:
@@ -302,11 +340,11 @@ def _measure(model: Any, inputs: dict, case: Case, shape: Shape, new_tokens: int
     else:
         method = case.method() if case.method is not None else CROP(None, None)
         pruned = crop.apply(model, None, method=method)
-        localizer = case.localizer(model) if case.localizer is not None else None
+        localizer = case.localizer(model, inputs) if case.localizer is not None else None
 
         def regions() -> list[Region] | None:
             if localizer is not None:
-                return [localizer.localize_inputs(inputs)]
+                return [localizer()]
             return [case.region or Region.full()] if method.needs_region else None
 
         prefill_call = lambda: pruned(**inputs, regions=regions(), use_cache=True)  # noqa: E731

@@ -149,24 +149,31 @@ def build_qwen_model(
     initializer_range: float = 0.1,
     vocab_size: int | None = None,
     words: list[str] | None = None,
+    text_heads: int = 4,
+    text_kv_heads: int = 2,
+    text_intermediate: int | None = None,
+    vision_heads: int = 2,
+    vision_mlp_ratio: int = 2,
 ) -> Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration:
     """A random-weight Qwen2-VL / Qwen2.5-VL (float32, eval) with a small ViT and a small Qwen2 LLM (GQA 4:2).
 
-    `mrope_section` must sum to half the text head dim (`text_hidden / 4 / 2`). Qwen2.5-VL's vision tower uses
-    window attention (112-pixel windows: 4x4 merged tokens) in every block but the last, which attends globally.
+    `mrope_section` must sum to half the text head dim (`text_hidden / text_heads / 2`). The head counts and
+    widths can be raised to real shapes (the benchmark builds a Qwen2-VL-2B-shaped localizer this way).
+    Qwen2.5-VL's vision tower uses window attention (112-pixel windows: 4x4 merged tokens) in every block but the
+    last, which attends globally.
     """
     _check_family(family)
     tokenizer = build_qwen_tokenizer(words)
-    head_dim = text_hidden // 4
+    head_dim = text_hidden // text_heads
     if sum(mrope_section) * 2 != head_dim:
         raise ValueError(f"mrope_section {list(mrope_section)} must sum to head_dim / 2 = {head_dim // 2}")
     text_kwargs: dict[str, Any] = {
         "vocab_size": vocab_size or len(tokenizer),
         "hidden_size": text_hidden,
-        "intermediate_size": 2 * text_hidden,
+        "intermediate_size": text_intermediate or 2 * text_hidden,
         "num_hidden_layers": text_layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        "num_attention_heads": text_heads,
+        "num_key_value_heads": text_kv_heads,
         "max_position_embeddings": 4096,
         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(mrope_section)},
         "bos_token_id": tokenizer.pad_token_id,
@@ -176,14 +183,16 @@ def build_qwen_model(
     }
     vision_kwargs: dict[str, Any] = {
         "depth": vision_layers,
-        "num_heads": 2,
+        "num_heads": vision_heads,
         "patch_size": patch_size,
         "spatial_merge_size": merge_size,
         "temporal_patch_size": temporal_patch_size,
         "initializer_range": initializer_range,
     }
     if family == "qwen2_vl":
-        vision = Qwen2VLVisionConfig(embed_dim=vision_hidden, hidden_size=text_hidden, mlp_ratio=2, **vision_kwargs)
+        vision = Qwen2VLVisionConfig(
+            embed_dim=vision_hidden, hidden_size=text_hidden, mlp_ratio=vision_mlp_ratio, **vision_kwargs
+        )
         config_class, text_config_class, model_class = (
             Qwen2VLConfig,
             Qwen2VLTextConfig,
@@ -192,7 +201,7 @@ def build_qwen_model(
     else:
         vision = Qwen2_5_VLVisionConfig(
             hidden_size=vision_hidden,
-            intermediate_size=2 * vision_hidden,
+            intermediate_size=vision_mlp_ratio * vision_hidden,
             out_hidden_size=text_hidden,
             window_size=112,
             fullatt_block_indexes=[vision_layers - 1],
