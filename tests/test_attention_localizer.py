@@ -132,3 +132,16 @@ def test_last_row_relevance_equals_explicit_attention(sdpa_model, processor):
     visual = (inputs["input_ids"][0] == sdpa_model.config.image_token_id).nonzero().squeeze(1)
     expected = attentions[1][0][:, -1, visual].mean(0)
     torch.testing.assert_close(relevance.reshape(-1), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_two_pass_on_dynamic_grids_and_a_clear_refusal_for_several_grids():
+    from crop.errors import UnsupportedModelError
+    from crop.tiny_next import build_next_model, build_next_processor
+    from crop.tiny_qwen import build_qwen_model, build_qwen_processor
+
+    qwen = AttentionLocalizer(build_qwen_model(), build_qwen_processor(), layer=1)
+    relevance, _ = qwen.relevance(make_image(224, 112), QUESTIONS[0])
+    assert relevance.shape == (4, 8)
+    assert isinstance(qwen.localize(make_image(224, 112), QUESTIONS[0]), Region)
+    with pytest.raises(UnsupportedModelError, match="several"):
+        AttentionLocalizer(build_next_model(), build_next_processor()).localize(make_image(120, 60), QUESTIONS[0])

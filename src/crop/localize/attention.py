@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from crop.errors import ConfigError, LocalizerError
+from crop.errors import ConfigError, LocalizerError, UnsupportedModelError
 from crop.image import load_image
 from crop.models import adapter_for
 from crop.prompting import build_prompt
@@ -169,7 +169,11 @@ class AttentionLocalizer:
             pass
         finally:
             handle.remove()
-        layout = self.adapter.visual_layout()
+        layout = self.adapter.visual_layouts(inputs)[0]
+        if layout.is_multi_grid:
+            raise UnsupportedModelError(
+                f"AttentionLocalizer needs one 2-D token grid per image; {self.adapter.family} has several"
+            )
         cell_of = _grid_cells(inputs["input_ids"], self.adapter.image_token_id, layout.leading)
         weights = question_weights(cell_of)  # also refuses prompts with no text after the image
         if self.rows == "last":
