@@ -15,7 +15,7 @@ from crop.errors import ConfigError, UnsupportedModelError
 from crop.image import load_image
 from crop.localize import FixedLocalizer, Localizer
 from crop.localize.attention import pool_rows, question_weights
-from crop.models import VisualLayout, adapter_for
+from crop.models import VisualLayout, adapter_for, grid_cell_index
 from crop.prompting import build_prompt
 from crop.region import Region, Viewport
 from crop.stats import DROPPED, FINE, PruneStats, RowStats
@@ -196,7 +196,7 @@ class CropModel:
             del inputs["input_ids"]  # a forward takes ids or embeddings; generate takes both (ids for the output)
         layouts: list[Layout] = []
         found: dict[int, Region] = {}
-        cell_of = _cell_index(model_input_ids, attention_mask, self.adapter.image_token_id, leading)
+        cell_of = grid_cell_index(model_input_ids, attention_mask, self.adapter.image_token_id, leading)
         if self._hooks is None:
             output = call(**inputs)
         else:
@@ -404,18 +404,6 @@ def remove(crop_model: CropModel) -> Any:
     """Undo `apply`: take the hooks off and return the original model."""
     crop_model.remove()
     return crop_model.model
-
-
-def _cell_index(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, leading: list[int]
-) -> torch.Tensor:
-    """Per prompt position, the raster grid cell of that visual token (-1 for text, pads and leading tokens)."""
-    cells = torch.full_like(input_ids, -1)
-    visual = (input_ids == image_token_id) & attention_mask.bool()
-    for row in range(input_ids.shape[0]):
-        grid = visual[row].nonzero().squeeze(1)[leading[row] :]
-        cells[row, grid] = torch.arange(grid.numel(), device=input_ids.device)
-    return cells
 
 
 def _keep_visual(selections: list[Selection], leading: list[int]) -> list[torch.Tensor]:

@@ -24,7 +24,7 @@ from PIL import Image
 
 from crop.errors import ConfigError, LocalizerError, UnsupportedModelError
 from crop.image import load_image
-from crop.models import adapter_for
+from crop.models import adapter_for, grid_cell_index
 from crop.prompting import build_prompt
 from crop.region import GRID_SIZE, Region, Viewport
 
@@ -174,7 +174,9 @@ class AttentionLocalizer:
             raise UnsupportedModelError(
                 f"AttentionLocalizer needs one 2-D token grid per image; {self.adapter.family} has several"
             )
-        cell_of = _grid_cells(inputs["input_ids"], self.adapter.image_token_id, layout.leading)
+        cell_of = grid_cell_index(
+            inputs["input_ids"], inputs["attention_mask"], self.adapter.image_token_id, [layout.leading]
+        )
         weights = question_weights(cell_of)  # also refuses prompts with no text after the image
         if self.rows == "last":
             weights = torch.ones(1, 1)
@@ -196,11 +198,3 @@ class AttentionLocalizer:
         if region.fallback_reason:
             self.fallback_count += 1
         return region
-
-
-def _grid_cells(input_ids: torch.Tensor, image_token_id: int, leading: int) -> torch.Tensor:
-    cells = torch.full_like(input_ids, -1)
-    for row in range(input_ids.shape[0]):
-        grid = (input_ids[row] == image_token_id).nonzero().squeeze(1)[leading:]
-        cells[row, grid] = torch.arange(grid.numel())
-    return cells

@@ -6,7 +6,7 @@ import importlib
 from typing import Any
 
 from crop.errors import UnsupportedModelError
-from crop.models.base import ModelAdapter, VisualLayout
+from crop.models.base import ModelAdapter, VisualLayout, grid_cell_index
 
 ADAPTERS: dict[str, str] = {
     "LlavaForConditionalGeneration": "crop.models.llava:LlavaAdapter",
@@ -28,4 +28,4 @@ def adapter_for(model: Any) -> ModelAdapter:
     return adapter_class(model)
 
 
-__all__ = ["ADAPTERS", "ModelAdapter", "VisualLayout", "adapter_for"]
+__all__ = ["ADAPTERS", "ModelAdapter", "VisualLayout", "adapter_for", "grid_cell_index"]

@@ -167,6 +167,18 @@ class ModelAdapter(ABC):
         raise UnsupportedModelError(f"{self.family}: projecting selected vision states is not supported")
 
 
+def grid_cell_index(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, leading: list[int]
+) -> torch.Tensor:
+    """Per prompt position, the raster grid cell of that visual token (-1 for text, pads and leading tokens)."""
+    cells = torch.full_like(input_ids, -1)
+    visual = (input_ids == image_token_id) & attention_mask.bool()
+    for row in range(input_ids.shape[0]):
+        grid = visual[row].nonzero().squeeze(1)[leading[row] :]
+        cells[row, grid] = torch.arange(grid.numel(), device=input_ids.device)
+    return cells
+
+
 def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding as Llama-style layers apply it: `x * cos + rotate_half(x) * sin`, heads in dim 1."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
