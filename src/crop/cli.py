@@ -59,6 +59,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_pruning_args(demo)
     demo.set_defaults(run=_run_demo)
 
+    web = commands.add_parser("serve-demo", help="a local web page: full and pruned answers side by side")
+    web.add_argument("--model", default=str(SHIPPED_MODEL), help="default: the shipped synthetic-task model")
+    web.add_argument("--localizer", help="grid localizer VLM (default: the model itself if trained to localize, "
+                     "else the attention localizer)")  # fmt: skip
+    web.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
+                     "0.0.0.0 exposes the page to the network)")  # fmt: skip
+    web.add_argument("--port", type=int, default=7860)
+    web.set_defaults(run=_run_serve_demo)
+
     bench = commands.add_parser("bench", help="measure prefill, decode, memory, KV cache and FLOPs per method")
     bench.add_argument("--shape", default="llava-1.5-7b", choices=["llava-1.5-7b", "small", "tiny"])
     bench.add_argument("--quick", action="store_true", help="small shape, 2 repeats, 8 new tokens (minutes on CPU)")
@@ -237,6 +246,16 @@ def _run_demo(args: argparse.Namespace) -> int:
     args.overlay.parent.mkdir(parents=True, exist_ok=True)
     draw_overlay(sample.image, answer.stats.rows[0]).save(args.overlay)
     print(f"overlay: {args.overlay}")
+    return 0
+
+
+def _run_serve_demo(args: argparse.Namespace) -> int:
+    try:
+        from crop.web_demo import serve
+    except ImportError as exc:
+        raise SystemExit(f"the web demo needs Gradio: pip install 'crop[demo]' ({exc})") from exc
+    print(f"serving the demo on http://{args.host}:{args.port} (Ctrl-C stops it)")
+    serve(args.model, args.localizer, host=args.host, port=args.port)
     return 0
 
 

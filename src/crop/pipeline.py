@@ -304,16 +304,20 @@ class CropModel:
                 row = b * repeat
                 counts.append(int((is_visual[b][layout.index[row]] & layout.valid[row]).sum()))
             per_layer = [counts[sum(start <= i for start in starts[: len(counts) - 1])] for i in range(num_layers)]
-            cells = selection.cells
+            cells, stages = selection.cells, []
             shape = (visual[b].rows, visual[b].cols)
             if self.method.dynamic and layouts:
-                final = layouts[-1]
-                kept = cell_of[b][final.index[b * repeat][final.valid[b * repeat]]]
-                cells = torch.full((shape[0] * shape[1],), DROPPED, dtype=torch.long)
-                cells[kept[kept >= 0]] = FINE
-                cells = cells.view(shape)
+                for start, layout in zip(starts, layouts[1:], strict=False):
+                    kept = cell_of[b][layout.index[b * repeat][layout.valid[b * repeat]]]
+                    stage_cells = torch.full((shape[0] * shape[1],), DROPPED, dtype=torch.long)
+                    stage_cells[kept[kept >= 0]] = FINE
+                    stages.append((start, stage_cells.view(shape)))
+                cells = stages[-1][1]
+            drawn_stages = [(start, visual[b].drawn_grid(states, viewport)[0]) for start, states in stages]
             cells, drawn_viewport = visual[b].drawn_grid(cells, viewport)
-            rows.append(RowStats(region, visual[b].num_tokens, counts[0], per_layer, cells, drawn_viewport))
+            rows.append(
+                RowStats(region, visual[b].num_tokens, counts[0], per_layer, cells, drawn_viewport, drawn_stages)
+            )
         return PruneStats(rows=rows, method=self.method.describe())
 
     def _resolve_regions(self, regions: Any, batch: int) -> list[Region | None]:

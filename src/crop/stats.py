@@ -28,6 +28,8 @@ class RowStats:
     per_layer: list[int]
     cells: torch.Tensor
     viewport: Viewport
+    stages: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    """Methods that prune in stages: `(first layer of the stage, cells it keeps)` per stage, in order."""
 
     @property
     def kept_tokens(self) -> int:

@@ -1,0 +1,132 @@
+"""One question answered twice, with all visual tokens and with a pruning method: what the demos show."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+import crop
+from crop.errors import ConfigError, ImageError
+from crop.image import load_image
+from crop.localize import AttentionLocalizer, GridVLMLocalizer, Localizer
+from crop.localize.grid_vlm import LOCALIZER_SETTINGS
+from crop.region import Region
+from crop.stats import RowStats
+from crop.strategies.registry import build_method
+from crop.visualize import draw_overlay
+
+MAX_PIXELS = 40_000_000
+"""Images larger than this (about 6300 x 6300) are refused: processors would only shrink them, slowly."""
+
+
+@dataclass
+class Side:
+    """One of the two answers: its text, the prefill time of its prompt and what it did with the visual tokens."""
+
+    answer: str
+    prefill_seconds: float
+    stats: RowStats
+
+
+@dataclass
+class Comparison:
+    """The full-token and the pruned answer to one question, with overlays of what the pruned call kept."""
+
+    question: str
+    method: str
+    full: Side
+    pruned: Side
+    localize_seconds: float
+    overlay: Image.Image
+    stage_overlays: list[tuple[str, Image.Image]] = field(default_factory=list)
+
+    @property
+    def region(self) -> Region | None:
+        return self.pruned.stats.region
+
+
+def default_localizer(model: Any, processor: Any, model_path: str | Path, localizer_path: str | None) -> Localizer:
+    """The localizer a demo uses: `localizer_path` if given, the model itself if it was trained to localize
+    (a `crop_localizer.json` beside it, as the shipped synthetic model), else the training-free attention one."""
+    if localizer_path:
+        return GridVLMLocalizer.from_pretrained(localizer_path)
+    if (Path(model_path) / LOCALIZER_SETTINGS).is_file():
+        return GridVLMLocalizer.from_model(model, processor, model_path)
+    return AttentionLocalizer(model, processor)
+
+
+def checked_image(image: Image.Image | str | Path | None) -> Image.Image:
+    """The image as RGB, or `ImageError` for none at all or one too large to be worth processing."""
+    if image is None:
+        raise ImageError("no image: upload one or pick an example")
+    loaded = load_image(image)
+    width, height = loaded.size
+    if width * height > MAX_PIXELS:
+        raise ImageError(
+            f"image of {width}x{height} pixels is too large; accepted: up to {MAX_PIXELS // 1_000_000} megapixels"
+        )
+    return loaded
+
+
+def compare(
+    model: Any,
+    processor: Any,
+    image: Image.Image | str | Path | None,
+    question: str,
+    method: str = "crop",
+    budget: int | None = None,
+    localizer: Localizer | None = None,
+    layer: int = 2,
+    max_new_tokens: int = 16,
+) -> Comparison:
+    """Answer `question` with all visual tokens and with `method` (at `budget` tokens, or region-sized CROP)."""
+    picture = checked_image(image)
+    if not question or not question.strip():
+        raise ConfigError("empty question: type a question about the image")
+    pruning = build_method(method, budget=budget, layer=layer)
+    full_model = crop.apply(model, processor, ilp=None, plc=None)
+    pruned_model = crop.apply(model, processor, localizer=localizer if pruning.needs_region else None, method=pruning)
+    try:
+        full = _answer(full_model, picture, question, Region.full(), max_new_tokens)
+        inputs = pruned_model.prepare(picture, question)
+        pruned = _answer(pruned_model, picture, question, None, max_new_tokens, inputs)
+    finally:
+        pruned_model.remove()
+    row = pruned.stats
+    stages = [(f"layers {start}+: {int((cells > 0).sum())} cells kept", cells) for start, cells in row.stages]
+    return Comparison(
+        question=question,
+        method=pruning.describe(),
+        full=full,
+        pruned=pruned,
+        localize_seconds=inputs["localize_seconds"],
+        overlay=draw_overlay(picture, row),
+        stage_overlays=[(label, draw_overlay(picture, row, cells)) for label, cells in stages],
+    )
+
+
+def warm_up(model: Any, processor: Any) -> None:
+    """One unpruned forward pass, so that the first timed prefill does not pay for lazy initialisation."""
+    full_model = crop.apply(model, processor, ilp=None, plc=None)
+    full_model(**full_model.prepare(Image.new("RGB", (224, 224), (128, 128, 128)), "warm up", [Region.full()]))
+
+
+def _answer(
+    crop_model: crop.CropModel,
+    image: Image.Image,
+    question: str,
+    region: Region | None,
+    max_new_tokens: int,
+    inputs: dict[str, Any] | None = None,
+) -> Side:
+    """Prefill timed on its own (one forward pass), then the greedy answer."""
+    if inputs is None:
+        inputs = crop_model.prepare(image, question, [region])
+    _, stats = crop_model(**inputs)
+    length = inputs["input_ids"].shape[1]
+    sequences, _ = crop_model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    text = crop_model.processor.batch_decode(sequences[:, length:], skip_special_tokens=True)[0]
+    return Side(text.strip(), stats.seconds["forward"], stats.rows[0])
