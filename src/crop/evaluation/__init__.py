@@ -1,0 +1,1 @@
+"""Evaluation on real VQA benchmarks: metrics, dataset readers, a resumable runner and reports."""
