@@ -84,6 +84,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(run=_run_bench)
 
+    evaluate = commands.add_parser("eval", help="accuracy on a real benchmark from a local copy (resumable)")
+    evaluate.add_argument("--model", required=True, help="local directory or hub id of the VLM")
+    evaluate.add_argument("--bench", required=True, help="textvqa, docvqa, infovqa, chartqa, gqa, vqav2, pope, "
+                          "scienceqa or ocrbench")  # fmt: skip
+    evaluate.add_argument("--data", required=True, help="local copy: the official layout or a `datasets` copy")
+    evaluate.add_argument("--split", help="split (or POPE category, ChartQA part) as the copy names it")
+    evaluate.add_argument("--localizer", default="attention", help="attention (default), a localizer VLM path, none")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--limit", type=int, help="only the first N samples")
+    evaluate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    evaluate.add_argument("--out", type=Path, help="run folder (default results/eval/BENCH-METHOD-BUDGET)")
+    _add_pruning_args(evaluate)
+    evaluate.set_defaults(run=_run_eval)
+
+    report = commands.add_parser("report", help="compare `crop eval` runs: a table and accuracy versus tokens")
+    report.add_argument("runs", nargs="+", type=Path, help="run folders written by crop eval")
+    report.add_argument("--out", type=Path, default=Path("results") / "eval_report.md")
+    report.set_defaults(run=_run_report)
+
     methods = commands.add_parser("methods", help="list the pruning methods")
     methods.set_defaults(run=_run_methods)
 
@@ -128,7 +147,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_pruning_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="crop", help="pruning method (see `crop methods`; default crop)")
+    parser.add_argument("--method", default="crop", help="pruning method (see `crop methods`; default crop; "
+                        "full: no pruning)")  # fmt: skip
     parser.add_argument("--budget", type=int, help="visual tokens to keep (needed by all methods but crop)")
     parser.add_argument(
         "--ilp-layer", type=int, default=2, help="layer K of ILP / FastV (default 2; 0 = before the LLM)"
@@ -176,6 +196,36 @@ def _run_bench(args: argparse.Namespace) -> int:
     args.out.with_suffix(".md").write_text(text + "\n")
     bench.plot(report, args.out.with_suffix(".png"))
     print(f"wrote {args.out}, {args.out.with_suffix('.md')} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from crop.evaluation.runner import RunConfig, run
+
+    config = RunConfig(
+        model=args.model, bench=args.bench, data=str(args.data), split=args.split, method=args.method,
+        budget=args.budget, layer=-1 if args.no_ilp else args.ilp_layer, plc_ratio=args.plc_ratio or None,
+        localizer=args.localizer, max_new_tokens=args.max_new_tokens, attn=args.attn, dtype=args.dtype,
+        batch_size=args.batch_size, limit=args.limit,
+    )  # fmt: skip
+    out = args.out or Path("results") / "eval" / f"{args.bench}-{config.label.replace('@', '-')}"
+    summary = run(config, out)
+    if summary is not None:
+        print((out / "summary.md").read_text(), end="")
+        print(f"wrote {out / 'predictions.jsonl'}, {out / 'summary.json'} and {out / 'summary.md'}")
+    return 0
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from crop.evaluation.report import load_summaries, markdown_table, plot
+
+    summaries = load_summaries(args.runs)
+    table = markdown_table(summaries)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table + "\n")
+    plot(summaries, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 
 

@@ -1,0 +1,233 @@
+"""`crop eval`: one model, method and budget on one benchmark; batched, resumable, sharded over processes.
+
+A run lives in one folder: `config.json` (what is being run), `shard-<rank>.jsonl` (each process appends its
+records as batches finish, so a crashed run loses at most the batch in flight and a rerun skips what is done),
+then `predictions.jsonl` (all records in benchmark order), `summary.json` and `summary.md`, written by rank 0.
+Under `torchrun` or `accelerate launch` each process takes every world-size-th sample; the merged results do not
+depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from crop.errors import ConfigError
+from crop.evaluation.tasks import EvalSample, Task, get_task
+from crop.image import load_image
+from crop.region import Region
+
+logger = logging.getLogger(__name__)
+
+FULL = "full"
+"""The method name of the unpruned reference run."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a run's results (`batch_size` and `limit` only change how it gets there)."""
+
+    model: str
+    bench: str
+    data: str
+    split: str | None = None
+    method: str = "crop"
+    budget: int | None = None
+    layer: int = 2
+    plc_ratio: int | None = None
+    localizer: str = "attention"
+    """"attention" (the model's own early-layer attention), a grid-box localizer VLM's path, or "none"."""
+    max_new_tokens: int = 16
+    attn: str = "sdpa"
+    dtype: str = "float32"
+    batch_size: int = 8
+    limit: int | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the records already written."""
+        return {k: v for k, v in asdict(self).items() if k not in ("batch_size", "limit")}
+
+    @property
+    def label(self) -> str:
+        budget = "region" if self.budget is None else str(self.budget)
+        return self.method if self.method == FULL else f"{self.method}@{budget}"
+
+
+def run(config: RunConfig, out: str | Path, model: Any = None, processor: Any = None) -> dict[str, Any] | None:
+    """Run (or resume) `config` into the folder `out`; returns the summary on rank 0, None on other ranks.
+
+    `model` and `processor` may be given already loaded; otherwise `config.model` is loaded.
+    """
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only processes join with gloo
+    out = Path(out)
+    task = get_task(config.bench)
+    samples = _samples(task, config)
+    if state.is_main_process:
+        _claim(out, config)
+    state.wait_for_everyone()
+    done = set(read_records(out))
+    mine = [(i, s) for i, s in enumerate(samples) if i % state.num_processes == state.process_index]
+    todo = [(i, s) for i, s in mine if s.id not in done]
+    if todo:
+        if model is None:
+            from crop.loading import load_model
+
+            model, processor = load_model(config.model, attn_implementation=config.attn, dtype=config.dtype)
+            model.to(state.device)
+        _answer_all(task, config, model, processor, todo, out / f"shard-{state.process_index}.jsonl", state)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    return _summarise(task, config, samples, out)
+
+
+def _samples(task: Task, config: RunConfig) -> list[EvalSample]:
+    samples = []
+    for sample in task.samples(config.data, config.split):
+        if config.limit is not None and len(samples) >= config.limit:
+            break
+        samples.append(sample)
+    if not samples:
+        raise ConfigError(f"{task.name}: no samples in {config.data} (split {config.split or 'default'})")
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{task.name}: sample ids repeat in {config.data}; a run needs unique ids to resume")
+    return samples
+
+
+def _claim(out: Path, config: RunConfig) -> None:
+    """Create the run folder, or check that the one there holds the same run (refusing to mix results)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.json"
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        previous_identity = RunConfig(**{f.name: previous[f.name] for f in fields(RunConfig)}).identity()
+        if previous_identity != config.identity():
+            changed = sorted(k for k, v in config.identity().items() if previous_identity.get(k) != v)
+            raise ConfigError(
+                f"{out} holds a run with other settings ({', '.join(changed)} differ); resume it with the same "
+                "settings or give another --out folder"
+            )
+    path.write_text(json.dumps(asdict(config), indent=2) + "\n")
+
+
+def read_records(out: Path) -> dict[str, dict]:
+    """The records the run's shards hold, by sample id; a line cut short by a crash is ignored."""
+    records = {}
+    for shard in sorted(out.glob("shard-*.jsonl")):
+        for line in shard.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                logger.warning("ignoring an incomplete line in %s (a crash while writing it)", shard)
+                continue
+            records[record["id"]] = record
+    return records
+
+
+def _pruned_model(config: RunConfig, model: Any, processor: Any) -> Any:
+    """The model with the run's method attached (nothing pruned for `full`)."""
+    import crop
+    from crop.localize import AttentionLocalizer, GridVLMLocalizer
+    from crop.strategies.registry import build_method
+
+    if config.method == FULL:
+        return crop.apply(model, processor, ilp=None, plc=None)
+    method = build_method(config.method, budget=config.budget, layer=config.layer, plc_ratio=config.plc_ratio)
+    localizer = None
+    if method.needs_region:
+        if config.localizer == "none":
+            raise ConfigError(f"{method.describe()} needs a region: use --localizer attention or a localizer path")
+        if config.localizer == "attention":
+            localizer = AttentionLocalizer(model, processor, layer=max(0, config.layer - 1))
+        else:
+            localizer = GridVLMLocalizer.from_pretrained(config.localizer)
+    return crop.apply(model, processor, localizer=localizer, method=method)
+
+
+def _answer_all(
+    task: Task,
+    config: RunConfig,
+    model: Any,
+    processor: Any,
+    todo: list[tuple[int, EvalSample]],
+    shard: Path,
+    state: Any,
+) -> None:
+    """Answer `todo` in batches, appending one record per sample to `shard` as each batch finishes."""
+    pruned = _pruned_model(config, model, processor)
+    bar = tqdm(total=len(todo), desc=f"{task.name} {config.label}", disable=not state.is_local_main_process)
+    try:
+        with shard.open("a", encoding="utf-8") as handle:
+            if handle.tell() and not shard.read_bytes().endswith(b"\n"):
+                handle.write("\n")  # end the line a crash cut short, so that it stays alone (and ignored)
+            for start in range(0, len(todo), config.batch_size):
+                batch = todo[start : start + config.batch_size]
+                for record in _answer_batch(task, config, pruned, batch):
+                    handle.write(json.dumps(record) + "\n")
+                handle.flush()
+                bar.update(len(batch))
+    finally:
+        pruned.remove()
+        bar.close()
+
+
+def _answer_batch(task: Task, config: RunConfig, pruned: Any, batch: list[tuple[int, EvalSample]]) -> list[dict]:
+    samples = [sample for _, sample in batch]
+    images = [load_image(sample.image) for sample in samples]
+    regions = [Region.full()] * len(samples) if config.method == FULL else None
+    inputs = pruned.prepare(images, [task.prompt(sample) for sample in samples], regions)
+    inputs = {k: v.to(pruned.model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    length = inputs["input_ids"].shape[1]
+    sequences, stats = pruned.generate(**inputs, max_new_tokens=config.max_new_tokens, do_sample=False)
+    texts = pruned.processor.batch_decode(sequences[:, length:], skip_special_tokens=True)
+    records = []
+    for (index, sample), text, row in zip(batch, texts, stats.rows, strict=True):
+        prediction = text.strip()
+        records.append(
+            {
+                "index": index,
+                "id": sample.id,
+                "prediction": prediction,
+                "answers": sample.answers,
+                "score": task.score(prediction, sample),
+                "extra": sample.extra,
+                "visual_tokens": row.kept_tokens,
+                "average_visual_tokens": row.average_tokens,
+                "region": None if row.region is None else list(row.region.to_grid()),
+            }
+        )
+    return records
+
+
+def _summarise(task: Task, config: RunConfig, samples: list[EvalSample], out: Path) -> dict[str, Any]:
+    """Merge the shards in benchmark order and write predictions.jsonl, summary.json and summary.md."""
+    by_id = read_records(out)
+    records = [by_id[s.id] for s in samples if s.id in by_id]
+    with (out / "predictions.jsonl").open("w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in records)
+    count = len(records)
+    summary = {
+        "config": asdict(config),
+        "label": config.label,
+        "metrics": task.aggregate(records),
+        "metric": task.metric,
+        "samples": len(samples),
+        "answered": count,
+        "complete": count == len(samples),
+        "visual_tokens": sum(r["visual_tokens"] for r in records) / max(1, count),
+        "average_visual_tokens": sum(r["average_visual_tokens"] for r in records) / max(1, count),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    from crop.evaluation.report import markdown_table
+
+    (out / "summary.md").write_text(markdown_table([summary]) + "\n")
+    return summary
