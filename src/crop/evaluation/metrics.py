@@ -1,9 +1,9 @@
-"""Official metrics of VQA benchmarks, each reproducing the evaluation script it names.
+"""Metrics of VQA benchmarks as users compare them: lmms-eval's where it and the original scripts disagree.
 
-VQA accuracy follows GT-Vision-Lab/VQA `vqaEval.py` (current version) with the prediction pre-normalised as the
-EvalAI server and lmms-eval do; ANLS the DocVQA / InfographicVQA scripts of the RRC site; relaxed accuracy
-pix2struct's `relaxed_correctness`; exact match lmms-eval's GQA task; yes/no parsing the POPE evaluation script;
-OCRBench matching the OCRBench `example.py` script.
+VQA accuracy: the leave-one-out formula of GT-Vision-Lab/VQA `vqaEval.py`, with the prediction and every human
+answer normalised by EvalAI's processor, as lmms-eval does; ANLS: lmms-eval's (the RRC script's with the raw string
+lengths); relaxed accuracy: pix2struct's `relaxed_correctness`; exact match: lmms-eval's GQA task; yes/no parsing:
+the POPE evaluation script (lmms-eval requires the exact words "yes"/"no"); OCRBench: its `example.py` script.
 """
 
 from __future__ import annotations
@@ -90,24 +90,24 @@ def _process_digit_article(text: str) -> str:
 
 
 def normalize_vqa_answer(text: str) -> str:
-    """The official VQA answer processing (whitespace, lowercase, punctuation, digits, articles, contractions)."""
-    text = text.replace("\n", " ").replace("\t", " ").strip().lower()
+    """EvalAI's VQA answer processor, as lmms-eval applies it: lowercase, "," and "?" deleted, "'s" split off, then
+    the official punctuation, number-word, article and contraction processing."""
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = text.replace("\n", " ").replace("\t", " ").strip()
     return _process_digit_article(_process_punctuation(text))
 
 
 def vqa_accuracy(prediction: str, answers: list[str]) -> float:
     """VQA accuracy: mean over the human answers i of min(1, #other humans agreeing with the prediction / 3).
 
-    Follows the current `vqaEval.py`: human answers get newlines/tabs turned into spaces and are stripped, and are
-    fully normalised only when they are not all identical (identical ones are compared as given). The prediction is
-    always normalised with `normalize_vqa_answer`, as the EvalAI server and lmms-eval do before `vqaEval`. Meant for
-    the 10 answers of VQAv2 / TextVQA / VizWiz: with fewer than 4 answers the score cannot reach 1 (one answer: 0).
+    As lmms-eval computes it (textvqa, vqav2): the prediction and every human answer go through
+    `normalize_vqa_answer`. GT-Vision-Lab's `vqaEval.py` normalises the human answers only when they are not all
+    identical; lmms-eval's numbers are the ones users compare against (DESIGN 3). Meant for the 10 answers of
+    VQAv2 / TextVQA: with fewer than 4 answers the score cannot reach 1 (one answer: 0).
     """
     if not answers:
         raise ValueError("vqa_accuracy needs the human answers of the question; got an empty list")
-    humans = [answer.replace("\n", " ").replace("\t", " ").strip() for answer in answers]
-    if len(set(humans)) > 1:
-        humans = [normalize_vqa_answer(answer) for answer in humans]
+    humans = [normalize_vqa_answer(answer) for answer in answers]
     predicted = normalize_vqa_answer(prediction)
     agreeing = sum(human == predicted for human in humans)
     # Leaving human i out removes it from the agreeing count when it agreed; credit in thirds, capped at 3.
@@ -131,8 +131,9 @@ def _levenshtein(a: str, b: str) -> int:
 def anls(prediction: str, answers: list[str], threshold: float = 0.5) -> float:
     """ANLS of DocVQA / InfographicVQA: best over answers of 1 - NL, or 0 where NL > threshold.
 
-    Strings are normalised as `" ".join(s.strip().lower().split())`; NL = lev(a, b) / max(len(a), len(b)) on the
-    normalised strings (two empty strings: NL = 0). NL equal to the threshold keeps its score, as the RRC script,
+    As lmms-eval computes it: the distance is taken between `" ".join(s.strip().lower().split())` forms but divided
+    by the longer of the strings as given (the RRC script divides by the normalised lengths; they differ only for
+    extra whitespace); two empty strings: NL = 0. NL equal to the threshold keeps its score, as the RRC script,
     pix2struct and lmms-eval do (the ST-VQA paper writes NL < threshold).
     """
     if not 0.0 <= threshold <= 1.0:
@@ -143,7 +144,7 @@ def anls(prediction: str, answers: list[str], threshold: float = 0.5) -> float:
     best = 0.0
     for answer in answers:
         reference = " ".join(answer.strip().lower().split())
-        longest = max(len(reference), len(predicted))
+        longest = max(len(answer), len(prediction))
         distance = _levenshtein(reference, predicted) / longest if longest else 0.0
         if distance <= threshold:
             best = max(best, 1.0 - distance)
