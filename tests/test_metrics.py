@@ -59,8 +59,8 @@ def test_normalize_vqa_answer(text, expected):
     ("prediction", "answers", "expected"),
     [
         ("two", ["2"] + ["3"] * 9, 0.3),  # k=1: (1*0 + 9*1/3) / 10
-        ("Yes.", ["yes"] * 2 + ["no"] * 8, 0.6),
-        ("What's it", ["whats it"] * 3 + ["no"] * 7, 0.0),  # "what 's it" against "what's it": EvalAI splits "'s"  # k=2: (2*1/3 + 8*2/3) / 10 = 18/30
+        ("Yes.", ["yes"] * 2 + ["no"] * 8, 0.6),  # k=2: (2*1/3 + 8*2/3) / 10 = 18/30
+        ("What's it", ["whats it"] * 3 + ["no"] * 7, 0.0),  # "what 's it" against "what's it": EvalAI splits "'s"
         ("a dog", ["dog"] * 3 + ["cat"] * 7, 0.9),  # k=3: (3*2/3 + 7*1) / 10
         ("dont", ["don't"] * 4 + ["no"] * 6, 1.0),  # k=4: every leave-one-out subset keeps >= 3 matches
         ("bird", ["dog"] * 3 + ["cat"] * 7, 0.0),
