@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from crop.errors import ConfigError
 from crop.evaluation.metrics import vqa_accuracy
 from crop.evaluation.tasks.base import EvalSample, Task
 
@@ -30,6 +31,12 @@ class VQAv2(Task):
         questions = self.read_json(root, QUESTIONS)["questions"]
         answers = {a["question_id"]: texts(a["answers"]) for a in self.read_json(root, ANNOTATIONS)["annotations"]}
         images = self.folder(root / "val2014")
+        unanswered = [q["question_id"] for q in questions if q["question_id"] not in answers]
+        if unanswered:
+            raise ConfigError(
+                f"vqav2: {len(unanswered)} questions of {QUESTIONS} have no annotation in {ANNOTATIONS} (first: "
+                f"{unanswered[0]}); the two files must be the same split's"
+            )
         return (
             EvalSample(
                 str(q["question_id"]),
