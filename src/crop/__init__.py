@@ -13,6 +13,7 @@ from crop.pipeline import Answer, CropModel, apply, remove
 from crop.region import Region, Viewport
 from crop.stats import PruneStats, RowStats
 from crop.strategies.ilp import ILP
+from crop.strategies.learned_plc import LearnedPLC, LearnedPLCConfig
 from crop.strategies.plc import PLC
 
 __version__ = "0.1.0"
@@ -22,6 +23,8 @@ __all__ = [
     "AttentionLocalizer",
     "PLC",
     "Answer",
+    "LearnedPLC",
+    "LearnedPLCConfig",
     "ConfigError",
     "CropError",
     "CropModel",

@@ -8,11 +8,13 @@ from crop.errors import ConfigError
 from crop.stats import DROPPED, FINE, POOLED
 from crop.strategies.base import Method, Selection, check_budget, keep_cells
 from crop.strategies.ilp import ILP
-from crop.strategies.plc import PLC, chebyshev_distance, compress
+from crop.strategies.learned_plc import LearnedPLC
+from crop.strategies.plc import PLC, chebyshev_distance
 
 
 class CROP(Method):
-    """Contextual region-oriented pruning: `plc` pools outside the region, `ilp` drops it from layer K on.
+    """Contextual region-oriented pruning: `plc` compresses outside the region (pooled `PLC` or a trained
+    `LearnedPLC`), `ilp` drops it from layer K on.
 
     ILP at K = 0 drops the outside tokens before the LLM. With neither, nothing is pruned.
     `budget` (ILP only) keeps exactly N visual tokens: the region's cells closest to its centre, then, if the
@@ -22,14 +24,15 @@ class CROP(Method):
     name = "crop"
     needs_region = True
 
-    def __init__(self, ilp: ILP | None = None, plc: PLC | None = None, budget: int | None = None) -> None:
+    def __init__(self, ilp: ILP | None = None, plc: PLC | LearnedPLC | None = None, budget: int | None = None) -> None:
         if budget is not None and (ilp is None or plc is not None):
             raise ConfigError("CROP's budget mode applies to ILP alone: pass ilp=... and no plc")
         self.ilp = ilp
         self.plc = plc
         self.budget = budget
         self.layer = ilp.layer if ilp is not None and ilp.layer > 0 else None
-        self.position = plc.position if plc is not None else "original"
+        self.position = "original" if plc is None else getattr(plc, "position", "compact")
+        """Learned PLC's query tokens have no cell of their own: their prompt is numbered consecutively."""
 
     @property
     def acts_before_llm(self) -> bool:
@@ -56,9 +59,9 @@ class CROP(Method):
         if self.ilp is not None and self.ilp.layer == 0:
             return keep_cells(features, inside.reshape(-1).nonzero().squeeze(1), shape, True)
         outside = DROPPED if self.ilp is not None else (POOLED if self.plc is not None else FINE)
-        cells = torch.where(inside, FINE, outside)
+        cells = torch.where(inside, FINE if self.plc is None else self.plc.region_state, outside)
         if self.plc is not None:
-            compressed = compress(features, inside, self.plc)
+            compressed = self.plc.compress(features, inside)
             keep = (
                 compressed.inside.cpu()
                 if self.ilp is not None
@@ -73,8 +76,7 @@ class CROP(Method):
             return f"ILP(K={self.ilp.layer}, budget {self.budget})"
         parts = []
         if self.plc is not None:
-            rings = f", rings {list(self.plc.rings)}" if self.plc.rings else ""
-            parts.append(f"PLC({self.plc.form}, ratio {self.plc.ratio}{rings})")
+            parts.append(self.plc.describe())
         if self.ilp is not None:
             parts.append(f"ILP(K={self.ilp.layer})")
         return " + ".join(parts) or "none"

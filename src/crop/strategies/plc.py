@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 from crop.errors import ConfigError
+from crop.stats import FINE
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,17 @@ class PLC:
             raise ConfigError(f"PLC ring widths must be integers >= 1 (in token cells), got {self.rings}")
         if self.position not in ("original", "compact"):
             raise ConfigError(f"PLC position must be 'original' or 'compact', got {self.position!r}")
+
+    region_state = FINE
+    """How the region's cells are drawn: pooling keeps them fine."""
+
+    def compress(self, features: torch.Tensor, inside: torch.Tensor) -> Compressed:
+        """The interface both PLC forms share: see `compress` below."""
+        return compress(features, inside, self)
+
+    def describe(self) -> str:
+        rings = f", rings {list(self.rings)}" if self.rings else ""
+        return f"PLC(pool, ratio {self.ratio}{rings})"
 
 
 @dataclass
