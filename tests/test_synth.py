@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from crop.strategies.learned_plc import LearnedPLC
 from crop.synth.model import build_synth_processor
 from crop.synth.scene import IMAGE_SIZE, PATCH, make_sample, patch_labels
 from crop.synth.train import TrainConfig, Trainer, pixel_values
@@ -71,3 +72,26 @@ def test_learning_rate_restarts_lower_for_the_refine_stage(tmp_path):
     assert max(refine) == pytest.approx(3e-4)
     assert refine[4] == pytest.approx(3e-4) and refine[-1] < 2e-5
     assert all(a >= b for a, b in zip(refine[4:-1], refine[5:], strict=True))
+
+
+def test_joint_plc_training_lowers_the_loss_and_saves_the_compressor(tmp_path):
+    config = TrainConfig(vision_steps=0, steps=2, images_per_step=2, plc_share=1.0, locate_share=0.0,
+                         grounding_weight=0.0, checkpoint_every=2, eval_every=100, eval_samples=2)  # fmt: skip
+    trainer = Trainer(tmp_path, config)
+    batch = trainer._batch(0, with_questions=True)
+    assert all(inside is not None for inside in batch.regions)
+    counts = (batch.input_ids == trainer.image_token).sum(1).tolist()
+    assert counts == [trainer.compressor.output_count(inside) for inside in batch.regions]
+    before = {name: p.detach().clone() for name, p in trainer.compressor.named_parameters()}
+    losses = [trainer.train_on(batch, vision_only=False, lr=3e-4)["answer"] for _ in range(8)]
+    assert losses[-1] < 0.6 * losses[0]
+    moved = [name for name, p in trainer.compressor.named_parameters() if not torch.equal(p, before[name])]
+    assert "region_queries" in moved and "outside_queries" in moved
+    trainer.run()
+    reloaded = LearnedPLC.from_pretrained(tmp_path / "model")
+    inside = batch.regions[0]
+    features = torch.randn(inside.numel(), trainer.compressor.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded.compress(features, inside).features, trainer.compressor.compress(features, inside).features
+        )

@@ -124,6 +124,17 @@ def _parser() -> argparse.ArgumentParser:
         default=1100,
         help="stage-2 step from which digit questions ground on the tag patch",
     )
+    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    train.add_argument(
+        "--plc-share",
+        type=float,
+        default=0.0,
+        help="share of question prompts through a learned PLC compressor trained jointly (0: none)",
+    )
+    train.add_argument("--plc-region-ratio", type=int, default=2, help="region tokens per learned query")
+    train.add_argument("--plc-outside-ratio", type=int, default=8, help="outside tokens per learned query")
+    train.add_argument("--plc-anchors", type=int, default=4, help="region tokens kept unchanged")
+    train.add_argument("--init-from", help="start from this saved model (e.g. the shipped one) instead of scratch")
     train.add_argument("--threads", type=int, default=2)
     train.set_defaults(run=_run_synth_train)
     evaluate = synth.add_parser("eval", help="accuracy versus visual-token budget on the synthetic test split")
@@ -319,6 +330,12 @@ def _run_synth_train(args: argparse.Namespace) -> int:
         refine_steps=args.refine_steps,
         grounding_weight=args.grounding_weight,
         targeted_grounding_from=args.targeted_grounding_from,
+        lr=args.lr,
+        plc_share=args.plc_share,
+        plc_region_ratio=args.plc_region_ratio,
+        plc_outside_ratio=args.plc_outside_ratio,
+        plc_anchors=args.plc_anchors,
+        init_from=args.init_from,
         threads=args.threads,
     )
     trainer = Trainer(args.out, config)

@@ -7,6 +7,11 @@ attention-grounding loss: at one LLM layer, the last prompt token's attention (m
 the patches the answer rests on (the tag patch for a digit, the object's cell otherwise). That loss teaches
 binding ("the red object" -> its patches) directly, which SYNTH-NOTES.md found to be the slow part of learning
 this task from the answer alone.
+
+With `plc_share > 0` a learned PLC compressor (`LearnedPLC`) is trained with the VLM, as the paper trains its PLC:
+that share of the question prompts carries the compressed tokens of the answer's region (jittered by up to
+`plc_jitter` blocks of the 8x8 grid) instead of the 256 visual tokens. `init_from` starts from a trained model
+(stage 1 is then usually skipped with `vision_steps=0`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from torch import nn
 from tqdm import tqdm
 
 from crop.prompting import build_prompt
+from crop.region import Region
+from crop.strategies.learned_plc import LearnedPLC, LearnedPLCConfig
 from crop.synth.model import LOCATE_INSTRUCTION, build_synth_model, build_synth_processor
 from crop.synth.scene import (
     COLOURS,
@@ -72,6 +79,14 @@ class TrainConfig:
     targeted_grounding_from: int = 1100
     """Stage-2 step from which digit questions ground on the tag patch and "is there" questions on their object;
     before it, digit questions ground on the object's whole cell and "is there" questions not at all."""
+    plc_share: float = 0.0
+    """Share of the question prompts (not localization ones) whose image goes through the learned compressor."""
+    plc_region_ratio: int = 2
+    plc_outside_ratio: int = 8
+    plc_anchors: int = 4
+    plc_jitter: int = 1
+    init_from: str | None = None
+    """A saved model directory to start from instead of random weights."""
     checkpoint_every: int = 200
     eval_every: int = 500
     eval_samples: int = 300
@@ -121,6 +136,20 @@ class Batch:
     grounding: list[list[int]] | None = None
     query_position: torch.Tensor | None = None
     kinds: list[str] | None = None
+    regions: list[torch.Tensor | None] | None = None
+    """Per prompt: the region's token mask when its image goes through the learned compressor, else None."""
+
+
+@dataclass
+class Item:
+    """One prompt of a batch: its image, text, answer, grounding patches, kind, and PLC region mask (or None)."""
+
+    image_index: int
+    question: str
+    answer: str
+    cells: list[int]
+    kind: str
+    inside: torch.Tensor | None = None
 
 
 class Trainer:
@@ -132,16 +161,27 @@ class Trainer:
         torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
         self.model = build_synth_model(seed=config.seed, attn_implementation="eager")
+        if config.init_from:
+            trained = type(self.model).from_pretrained(config.init_from, attn_implementation="eager")
+            self.model.load_state_dict(trained.state_dict())
         self.processor = build_synth_processor()
         self.tokenizer = self.processor.tokenizer
         self.image_token = self.model.config.image_token_id
         dim = self.model.config.text_config.hidden_size
         self.heads = PatchHeads(dim)
+        self.compressor = None
+        if config.plc_share > 0:
+            settings = LearnedPLCConfig(
+                hidden_size=dim, rows=SIDE, cols=SIDE, region_ratio=config.plc_region_ratio,
+                outside_ratio=config.plc_outside_ratio, n_anchor=config.plc_anchors,
+            )  # fmt: skip
+            self.compressor = LearnedPLC(settings)
         self.step = 0
         self.vision_optimizer = torch.optim.AdamW(self._vision_parameters(), lr=config.lr, weight_decay=0.01)
-        self.optimizer = torch.optim.AdamW(
-            list(self.model.parameters()) + list(self.heads.parameters()), lr=config.lr, weight_decay=0.01
-        )
+        trained = list(self.model.parameters()) + list(self.heads.parameters())
+        if self.compressor is not None:
+            trained += list(self.compressor.parameters())
+        self.optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=0.01)
         self.elapsed = 0.0
         if (self.out / "state.pt").is_file():
             self._load()
@@ -198,11 +238,14 @@ class Trainer:
         bar.close()
 
     def _train_step(self, vision_only: bool) -> dict[str, float]:
-        lr = self.lr_at(self.step)
+        batch = self._batch(self.step, with_questions=not vision_only)
+        return self.train_on(batch, vision_only, self.lr_at(self.step))
+
+    def train_on(self, batch: Batch, vision_only: bool, lr: float) -> dict[str, float]:
+        """One optimiser step on `batch` (stage 1: vision heads only); returns the losses and accuracies seen."""
         optimizer = self.vision_optimizer if vision_only else self.optimizer
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = self._batch(self.step, with_questions=not vision_only)
         self.model.train()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             features = self._features(batch.pixel_values)
@@ -229,7 +272,7 @@ class Trainer:
     def _question_losses(self, batch: Batch, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         embeds = self.model.get_input_embeddings()(batch.input_ids)
         visual = batch.input_ids == self.image_token
-        embeds = embeds.masked_scatter(visual[..., None], features[batch.image_index].to(embeds.dtype))
+        embeds = embeds.masked_scatter(visual[..., None], self._visual_tokens(batch, features).to(embeds.dtype))
         output = self.model(
             inputs_embeds=embeds,
             attention_mask=batch.attention_mask,
@@ -252,6 +295,14 @@ class Trainer:
             if losses:
                 grounding = torch.stack(losses).mean()
         return answer_loss, grounding, accuracy
+
+    def _visual_tokens(self, batch: Batch, features: torch.Tensor) -> torch.Tensor:
+        """Each prompt's visual tokens in batch order: its image's 256 features, or their learned compression."""
+        tokens = [
+            features[image] if inside is None else self.compressor.compress(features[image], inside).features
+            for image, inside in zip(batch.image_index.tolist(), batch.regions, strict=True)
+        ]
+        return torch.cat(tokens)
 
     def _batch(self, step: int, with_questions: bool, split: str = "train") -> Batch:
         c = self.config
@@ -276,36 +327,44 @@ class Trainer:
                     question = LOCATE_INSTRUCTION.format(question=question)
                 targeted = step - c.vision_steps >= c.targeted_grounding_from
                 cells = [] if target is None else _grounding_patches(objects[target], kind, locate, targeted)
-                items.append((image_index, question, answer, cells, kind))
+                inside = None
+                if not locate and rng.random() < c.plc_share:
+                    inside = jittered(region, c.plc_jitter, rng).token_mask(SIDE, SIDE)
+                    cells = []  # the compressed tokens have no patch to ground on
+                items.append(Item(image_index, question, answer, cells, kind, inside))
         return self._encode(batch, items)
 
-    def _encode(self, batch: Batch, items: list[tuple[int, str, str, list[int], str]]) -> Batch:
-        image_block = "<image>" * (SIDE * SIDE)
+    def _encode(self, batch: Batch, items: list[Item]) -> Batch:
         sequences, targets, queries, grounding = [], [], [], []
-        for _, question, answer, cells, _ in items:
-            prompt = build_prompt(self.processor, question).replace("<image>", image_block)
+        for item in items:
+            count = SIDE * SIDE if item.inside is None else self.compressor.output_count(item.inside)
+            prompt = build_prompt(self.processor, item.question).replace("<image>", "<image>" * count)
             prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            answer_ids = self.tokenizer(item.answer, add_special_tokens=False)["input_ids"]
+            answer_ids.append(self.tokenizer.eos_token_id)
             sequences.append(prompt_ids + answer_ids)
             targets.append([-100] * len(prompt_ids) + answer_ids)
             queries.append(len(prompt_ids) - 1)
             image_start = prompt_ids.index(self.image_token)
-            grounding.append([image_start + cell for cell in cells])
+            grounding.append([image_start + cell for cell in item.cells])
         width = max(len(s) for s in sequences)
         pad = self.tokenizer.pad_token_id
         batch.input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
         batch.attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
         batch.targets = torch.tensor([t + [-100] * (width - len(t)) for t in targets])
         batch.query_position = torch.tensor(queries)
-        batch.image_index = torch.tensor([item[0] for item in items])
+        batch.image_index = torch.tensor([item.image_index for item in items])
         batch.grounding = grounding
-        batch.kinds = [item[4] for item in items]
+        batch.kinds = [item.kind for item in items]
+        batch.regions = [item.inside for item in items]
         return batch
 
     def _save(self) -> None:
         self.model.save_pretrained(self.out / "model")
         self.processor.save_pretrained(self.out / "model")
         (self.out / "model" / "crop_localizer.json").write_text(json.dumps({"instruction": LOCATE_INSTRUCTION}))
+        if self.compressor is not None:
+            self.compressor.save_pretrained(self.out / "model")
         state = {
             "step": self.step,
             "elapsed": self.elapsed,
@@ -313,6 +372,7 @@ class Trainer:
             "vision_optimizer": self.vision_optimizer.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "model": self.model.state_dict(),
+            "compressor": None if self.compressor is None else self.compressor.state_dict(),
         }
         torch.save(state, self.out / "state.tmp")
         (self.out / "state.tmp").replace(self.out / "state.pt")
@@ -323,12 +383,22 @@ class Trainer:
         self.heads.load_state_dict(state["heads"])
         self.vision_optimizer.load_state_dict(state["vision_optimizer"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.compressor is not None:
+            self.compressor.load_state_dict(state["compressor"])
         self.step, self.elapsed = state["step"], state["elapsed"]
 
     def _log(self, record: dict) -> None:
         record = {"elapsed_s": round(self.elapsed, 1), **record}
         with open(self.out / "log.jsonl", "a") as log:
             log.write(json.dumps(record) + "\n")
+
+
+def jittered(region: Region, blocks: int, rng: random.Random) -> Region:
+    """`region` with each side of its 8x8-grid box moved by up to `blocks` blocks (kept on the grid, non-empty)."""
+    x0, y0, x1, y1 = region.to_grid()
+    x0, y0 = (min(max(0, v + rng.randint(-blocks, blocks)), 7) for v in (x0, y0))
+    x1, y1 = (min(max(lo, v + rng.randint(-blocks, blocks)), 7) for lo, v in ((x0, x1), (y0, y1)))
+    return Region.from_grid([x0, y0, x1, y1])
 
 
 def _grounding_patches(obj: SceneObject, kind: str, locate: bool, targeted: bool) -> list[int]:
@@ -349,9 +419,11 @@ def evaluate_teacher_forced(trainer: Trainer, count: int, split: str = "val") ->
     for start in range(0, count, 32):
         samples = [make_sample(split, i) for i in range(start, min(count, start + 32))]
         batch = Batch(pixel_values([s.image for s in samples]), {})
-        items = [(i, s.question, s.answer, [], s.kind) for i, s in enumerate(samples)]
+        items = [Item(i, s.question, s.answer, [], s.kind) for i, s in enumerate(samples)]
         items += [
-            (i, LOCATE_INSTRUCTION.format(question=s.question), " ".join(map(str, s.region.to_grid())), [], "locate")
+            Item(
+                i, LOCATE_INSTRUCTION.format(question=s.question), " ".join(map(str, s.region.to_grid())), [], "locate"
+            )
             for i, s in enumerate(samples)
         ]
         batch = trainer._encode(batch, items)
@@ -359,7 +431,7 @@ def evaluate_teacher_forced(trainer: Trainer, count: int, split: str = "val") ->
             features = trainer._features(batch.pixel_values)
             embeds = model.get_input_embeddings()(batch.input_ids)
             visual = batch.input_ids == trainer.image_token
-            embeds = embeds.masked_scatter(visual[..., None], features[batch.image_index].to(embeds.dtype))
+            embeds = embeds.masked_scatter(visual[..., None], trainer._visual_tokens(batch, features).to(embeds.dtype))
             logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask).logits.float()
         predicted = logits[:, :-1].argmax(-1)
         targets = batch.targets[:, 1:]
