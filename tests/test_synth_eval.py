@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from crop.region import Region
-from crop.synth.evaluate import evaluate, grid_iou, markdown_table, wilson
+from crop.region import Region, grid_iou
+from crop.synth.evaluate import evaluate, markdown_table, wilson
 from crop.synth.model import build_synth_model, build_synth_processor
 
 

@@ -158,3 +158,14 @@ def _overlapping(start: float, end: float, cells: int) -> torch.Tensor:
     if not hit.any():
         hit[min(int(start * cells), cells - 1)] = True
     return hit
+
+
+def grid_iou(a: Region, b: Region) -> float:
+    """IoU of two regions in their 8x8 grid forms (block counts)."""
+    ax0, ay0, ax1, ay1 = a.to_grid()
+    bx0, by0, bx1, by1 = b.to_grid()
+    ix = max(0, min(ax1, bx1) - max(ax0, bx0) + 1)
+    iy = max(0, min(ay1, by1) - max(ay0, by0) + 1)
+    inter = ix * iy
+    union = (ax1 - ax0 + 1) * (ay1 - ay0 + 1) + (bx1 - bx0 + 1) * (by1 - by0 + 1) - inter
+    return inter / union

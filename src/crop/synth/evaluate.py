@@ -19,7 +19,7 @@ import crop
 from crop.loading import load_model
 from crop.localize import AttentionLocalizer, GridVLMLocalizer
 from crop.localize.attention import DEFAULT_PENALTY, DEFAULT_ROWS, ROWS, region_from_relevance
-from crop.region import Region
+from crop.region import Region, grid_iou
 from crop.strategies.base import Method
 from crop.strategies.crop_fused import FusedCROP
 from crop.strategies.crop_method import CROP
@@ -123,17 +123,6 @@ def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * total)) / (1 + z * z / total)
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
     return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def grid_iou(a: Region, b: Region) -> float:
-    """IoU of two regions in their 8x8 grid forms (block counts)."""
-    ax0, ay0, ax1, ay1 = a.to_grid()
-    bx0, by0, bx1, by1 = b.to_grid()
-    ix = max(0, min(ax1, bx1) - max(ax0, bx0) + 1)
-    iy = max(0, min(ay1, by1) - max(ay0, by0) + 1)
-    inter = ix * iy
-    union = (ax1 - ax0 + 1) * (ay1 - ay0 + 1) + (bx1 - bx0 + 1) * (by1 - by0 + 1) - inter
-    return inter / union
 
 
 def object_recall(sample: Sample, predicted: Region, side: int) -> float:
