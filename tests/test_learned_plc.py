@@ -72,6 +72,33 @@ def test_output_count_literal() -> None:
     assert compressor(1, 1).output_count(SMALL) == ROWS * COLS
 
 
+@pytest.mark.parametrize("budget", [27, 28, 20, 9, 3, 2])
+def test_budget_caps_the_output(budget: int) -> None:
+    """SMALL at the defaults gives 17 outside + 6 region queries + 4 anchors = 27 tokens; a budget of at least
+    27 changes nothing, a smaller one keeps the anchors while a token per part is left, then shrinks both query
+    parts in proportion (6 : 17), each keeping at least one; the output is exactly the budget."""
+    expected = {  # (region queries, outside queries, anchors), worked out by hand
+        27: (6, 17, 4), 28: (6, 17, 4), 20: (4, 12, 4), 9: (1, 4, 4), 3: (1, 1, 1), 2: (1, 1, 0),
+    }[budget]  # fmt: skip
+    # 20: left 16, region floor(16 * 6 / 23) = 4; 9: left 5, floor(5 * 6 / 23) = 1; 3: 1 anchor, left 2
+    plc, x = compressor(), features()
+    assert plc.part_counts(12, 132, budget) == expected
+    out = plc.compress(x, SMALL, budget)
+    assert out.features.shape[0] == plc.output_count(SMALL, budget) == min(budget, 27)
+    region_queries, outside_queries, anchors = expected
+    assert torch.equal(out.inside, torch.tensor([False] * outside_queries + [True] * (region_queries + anchors)))
+    if budget >= 27:
+        assert torch.equal(out.features, plc.compress(x, SMALL).features)
+
+
+def test_budget_with_a_part_passed_through_or_too_small_is_refused() -> None:
+    with pytest.raises(ConfigError, match="both parts"):
+        compressor(1, 8).compress(features(), SMALL, 10)
+    with pytest.raises(ConfigError, match="below one token per part"):
+        compressor().compress(features(), SMALL, 1)
+    assert compressor().output_count(REGIONS["whole"], 5) == 5  # one part: all of it goes to the region
+
+
 def test_layout_and_anchors() -> None:
     plc, x = compressor(), features()
     out = plc.compress(x, SMALL)

@@ -39,12 +39,12 @@ def test_whole_image_with_the_region_passed_through_equals_unmodified_model(mode
     torch.testing.assert_close(output.logits[real], expected[real], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("ilp", [None, 2])
-def test_learned_plc_logits_match_reference(model, processor, ilp):
+@pytest.mark.parametrize(("ilp", "budget"), [(None, None), (2, None), (None, 20)])
+def test_learned_plc_logits_match_reference(model, processor, ilp, budget):
     inputs = batch_inputs(processor, 2)
     regions = [Region.from_grid([0, 0, 3, 3]), Region.from_grid([2, 3, 6, 5])]
     plc = compressor(model, region_ratio=2, outside_ratio=8, n_anchor=3)
-    pruned = crop.apply(model, processor, method=CROP(None if ilp is None else ILP(ilp), plc))
+    pruned = crop.apply(model, processor, method=CROP(None if ilp is None else ILP(ilp), plc, budget=budget))
     try:
         output, stats = pruned(**inputs, regions=regions)
     finally:
@@ -56,7 +56,7 @@ def test_learned_plc_logits_match_reference(model, processor, ilp):
         visual = (input_ids[0] == image_token).nonzero().squeeze(1)
         start, end = int(visual[0]), int(visual[-1]) + 1
         with torch.no_grad():
-            compressed = plc.compress(embeds[0, start:end], region.token_mask(SIDE, SIDE))
+            compressed = plc.compress(embeds[0, start:end], region.token_mask(SIDE, SIDE), budget)
         tokens = compressed.features
         new_embeds = torch.cat([embeds[0, :start], tokens, embeds[0, end:]])[None]
         positions = torch.arange(new_embeds.shape[1])  # learned PLC numbers its prompt consecutively
@@ -67,7 +67,9 @@ def test_learned_plc_logits_match_reference(model, processor, ilp):
         expected = run_layers(model, new_embeds, positions, keep, ilp or 0)[0]
         got = output.logits[row, output.logits.shape[1] - expected.shape[0] :]
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-        assert stats.rows[row].llm_input_tokens == plc.output_count(region.token_mask(SIDE, SIDE))
+        assert stats.rows[row].llm_input_tokens == plc.output_count(region.token_mask(SIDE, SIDE), budget)
+        if budget is not None:
+            assert stats.rows[row].llm_input_tokens == budget
         assert (stats.rows[row].cells == POOLED).any()
     assert "PLC(learned, region 1/2, outside 1/8, 3 anchors)" in stats.method
 

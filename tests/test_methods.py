@@ -97,8 +97,9 @@ def test_crop_budget_mode_keeps_exactly_n_region_first(model, processor):
     finally:
         pruned.remove()
     assert [row.kept_tokens for row in stats.rows] == [50, 50]
-    with pytest.raises(ConfigError, match="budget mode"):
-        CROP(ILP(2), plc=crop.PLC(), budget=10)
+    for refused in ({"ilp": ILP(2), "plc": crop.PLC()}, {"plc": crop.PLC()}, {}):
+        with pytest.raises(ConfigError, match="budget applies to ILP alone"):
+            CROP(budget=10, **refused)
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -17,16 +17,22 @@ class CROP(Method):
     `LearnedPLC`), `ilp` drops it from layer K on.
 
     ILP at K = 0 drops the outside tokens before the LLM. With neither, nothing is pruned.
-    `budget` (ILP only) keeps exactly N visual tokens: the region's cells closest to its centre, then, if the
-    region has fewer than N, the outside cells nearest to it (DESIGN 1.3's budget mode).
+    `budget` with ILP alone keeps exactly N visual tokens: the region's cells closest to its centre, then, if the
+    region has fewer than N, the outside cells nearest to it (DESIGN 1.3's budget mode). With a learned PLC alone
+    it caps the compressor's output at N tokens (`LearnedPLC.part_counts`).
     """
 
     name = "crop"
     needs_region = True
 
     def __init__(self, ilp: ILP | None = None, plc: PLC | LearnedPLC | None = None, budget: int | None = None) -> None:
-        if budget is not None and (ilp is None or plc is not None):
-            raise ConfigError("CROP's budget mode applies to ILP alone: pass ilp=... and no plc")
+        ilp_alone = ilp is not None and plc is None
+        learned_alone = ilp is None and isinstance(plc, LearnedPLC)
+        if budget is not None and not (ilp_alone or learned_alone):
+            raise ConfigError(
+                "CROP's budget applies to ILP alone (ilp=..., no plc) or to a learned PLC alone "
+                "(plc=LearnedPLC..., no ilp); pooling PLC has no budget"
+            )
         self.ilp = ilp
         self.plc = plc
         self.budget = budget
@@ -54,14 +60,17 @@ class CROP(Method):
     ) -> Selection:
         if inside is None:
             raise ConfigError("CROP needs a region")
-        if self.budget is not None:
+        if self.budget is not None and self.ilp is not None:
             return keep_cells(features, budget_cells(inside, self.budget), shape, drop_before_llm=self.layer is None)
         if self.ilp is not None and self.ilp.layer == 0:
             return keep_cells(features, inside.reshape(-1).nonzero().squeeze(1), shape, True)
         outside = DROPPED if self.ilp is not None else (POOLED if self.plc is not None else FINE)
         cells = torch.where(inside, FINE if self.plc is None else self.plc.region_state, outside)
         if self.plc is not None:
-            compressed = self.plc.compress(features, inside)
+            if self.budget is None:
+                compressed = self.plc.compress(features, inside)
+            else:  # only a learned PLC takes a budget (checked in __init__)
+                compressed = self.plc.compress(features, inside, self.budget)
             keep = (
                 compressed.inside.cpu()
                 if self.ilp is not None
@@ -72,8 +81,10 @@ class CROP(Method):
         return Selection(None, keep, cells)
 
     def describe(self) -> str:
-        if self.budget is not None:
+        if self.budget is not None and self.ilp is not None:
             return f"ILP(K={self.ilp.layer}, budget {self.budget})"
+        if self.budget is not None:
+            return f"{self.plc.describe()}, at most {self.budget} tokens"
         parts = []
         if self.plc is not None:
             parts.append(self.plc.describe())

@@ -119,16 +119,44 @@ class LearnedPLC(nn.Module):
         """Zero queries, as many as a part covering the whole grid needs; none for a pass-through part."""
         return nn.Parameter(torch.zeros(math.ceil(cells / ratio), self.config.hidden_size)) if ratio > 1 else None
 
-    def output_count(self, inside: torch.Tensor) -> int:
-        """Number of output tokens for a `(rows, cols)` boolean region mask."""
+    def output_count(self, inside: torch.Tensor, budget: int | None = None) -> int:
+        """Number of output tokens for a `(rows, cols)` boolean region mask (at most `budget` when given)."""
         region = int(inside.sum())
-        outside = inside.numel() - region
-        c = self.config
-        region_count = region if c.region_ratio == 1 else math.ceil(region / c.region_ratio) + min(c.n_anchor, region)
-        return region_count + (outside if c.outside_ratio == 1 else math.ceil(outside / c.outside_ratio))
+        region_queries, outside_queries, anchors = self.part_counts(region, inside.numel() - region, budget)
+        region_count = region if self.config.region_ratio == 1 else region_queries + anchors
+        outside_count = inside.numel() - region if self.config.outside_ratio == 1 else outside_queries
+        return region_count + outside_count
 
-    def compress(self, features: torch.Tensor, inside: torch.Tensor) -> Compressed:
-        """Compress one image's `(rows*cols, hidden_size)` features given its `(rows, cols)` region mask."""
+    def part_counts(self, region: int, outside: int, budget: int | None = None) -> tuple[int, int, int]:
+        """`(region queries, outside queries, anchors)` for parts of `region` and `outside` cells.
+
+        Without a budget: `ceil(part / ratio)` queries and `min(n_anchor, region)` anchors. With one, when that
+        is more than `budget` tokens: anchors first (up to what leaves a token for each part), then the queries
+        shrunk in proportion to their natural counts (each non-empty part keeps at least one); never more than
+        the trained banks hold. A budget needs queries in both parts (both ratios above 1)."""
+        c = self.config
+        region_queries = math.ceil(region / c.region_ratio) if c.region_ratio > 1 else 0
+        outside_queries = math.ceil(outside / c.outside_ratio) if c.outside_ratio > 1 else 0
+        anchors = min(c.n_anchor, region) if c.region_ratio > 1 else 0
+        if budget is None or region_queries + outside_queries + anchors <= budget:
+            return region_queries, outside_queries, anchors
+        if c.region_ratio == 1 or c.outside_ratio == 1:
+            raise ConfigError(
+                f"a budget needs learned queries in both parts; this compressor passes a part through "
+                f"(region ratio {c.region_ratio}, outside ratio {c.outside_ratio})"
+            )
+        parts = int(region > 0) + int(outside > 0)
+        if budget < parts:
+            raise ConfigError(f"learned PLC budget {budget} is below one token per part ({parts} parts)")
+        anchors = min(anchors, budget - parts)
+        left = budget - anchors
+        shrunk_region = max(int(region > 0), math.floor(left * region_queries / (region_queries + outside_queries)))
+        shrunk_region = min(shrunk_region, left - int(outside > 0))
+        return shrunk_region, left - shrunk_region, anchors
+
+    def compress(self, features: torch.Tensor, inside: torch.Tensor, budget: int | None = None) -> Compressed:
+        """Compress one image's `(rows*cols, hidden_size)` features given its `(rows, cols)` region mask, into at
+        most `budget` tokens when given (`part_counts` says how the budget is shared)."""
         c = self.config
         if tuple(inside.shape) != (c.rows, c.cols) or tuple(features.shape) != (c.rows * c.cols, c.hidden_size):
             raise ConfigError(
@@ -137,30 +165,31 @@ class LearnedPLC(nn.Module):
             )
         flat = inside.reshape(-1).to("cpu", torch.bool)
         region, outside = flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1)
+        region_queries, outside_queries, anchors = self.part_counts(region.numel(), outside.numel(), budget)
         tokens, first_cells, insides = [], [], []
-        for cells, bank, ratio, is_inside in (
-            (outside, self.outside_queries, c.outside_ratio, False),
-            (region, self.region_queries, c.region_ratio, True),
+        for cells, bank, count, is_inside in (
+            (outside, self.outside_queries, outside_queries, False),
+            (region, self.region_queries, region_queries, True),
         ):
-            if ratio > 1 and cells.numel():
-                count = math.ceil(cells.numel() / ratio)
+            if count:
                 tokens.append(self.attend(bank[:count], features, cells).to(features.dtype))
                 first_cells.append(cells[:1].expand(count))
                 insides.append(torch.full((count,), is_inside))
-        passed = self.passed_through(region, outside)
+        passed = self.passed_through(region, outside, anchors)
         tokens.append(features[passed.to(features.device)])
         first_cells.append(passed)
         insides.append(flat[passed])
         device = features.device
         return Compressed(torch.cat(tokens), torch.cat(insides).to(device), torch.cat(first_cells).to(device))
 
-    def passed_through(self, region: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
-        """Raster-sorted cells kept unchanged: anchors (or the whole region) and, at outside ratio 1, the outside."""
+    def passed_through(self, region: torch.Tensor, outside: torch.Tensor, anchors: int) -> torch.Tensor:
+        """Raster-sorted cells kept unchanged: `anchors` anchors (or the whole region) and, at outside ratio 1,
+        the outside."""
         c = self.config
         if c.region_ratio == 1:
             kept = region
         else:
-            k = min(c.n_anchor, region.numel())
+            k = anchors
             kept = region[((2 * torch.arange(k) + 1) * region.numel()) // (2 * k)] if k else region[:0]
         if c.outside_ratio == 1:
             kept = torch.cat([kept, outside])
