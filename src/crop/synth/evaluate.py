@@ -8,7 +8,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from crop.strategies.crop_fused import FusedCROP
 from crop.strategies.crop_method import CROP
 from crop.strategies.fastv import FastV
 from crop.strategies.ilp import ILP
+from crop.strategies.learned_plc import CONFIG_NAME, LearnedPLC
 from crop.strategies.plc import PLC
 from crop.strategies.pooling import UniformPooling
 from crop.strategies.pyramid_drop import PyramidDrop
@@ -49,9 +50,15 @@ class Variant:
 
 
 def variants(
-    grid_tokens: int, layer: int = 2, penalty: float = DEFAULT_PENALTY, attention_rows: str = DEFAULT_ROWS
+    grid_tokens: int,
+    layer: int = 2,
+    penalty: float = DEFAULT_PENALTY,
+    attention_rows: str = DEFAULT_ROWS,
+    compressor: LearnedPLC | None = None,
 ) -> list[Variant]:
-    """Full tokens, CROP's forms with predicted and oracle regions, and the baselines at the three budgets."""
+    """Full tokens, CROP's forms with predicted and oracle regions, and the baselines at the three budgets; with
+    a trained `compressor`, learned PLC region-sized, with ILP, and capped at each budget with and without its
+    anchors (the same weights run with `n_anchor = 0`)."""
     rows = [
         Variant("full", lambda: CROP(None, None), "full", "all"),
         Variant("crop-ilp", lambda: CROP(ILP(layer)), "predicted", "region"),
@@ -62,6 +69,12 @@ def variants(
         Variant("crop-ilp", lambda: CROP(ILP(layer)), "attention", "region"),
         Variant("crop-fused", lambda: FusedCROP(layer, penalty, rows=attention_rows), None, "region"),
     ]
+    if compressor is not None:
+        rows += [
+            Variant("crop-plc-learned", lambda: CROP(None, compressor), "predicted", "region"),
+            Variant("crop-plc-learned", lambda: CROP(None, compressor), "oracle", "region"),
+            Variant("crop-ilp+plc-learned", lambda: CROP(ILP(layer), compressor), "predicted", "region"),
+        ]
     smallest = round(grid_tokens * min(BUDGET_FRACTIONS.values()))
     rows += [
         Variant("oracle-ilp-budget", lambda: CROP(ILP(layer), budget=smallest), "oracle", "1/9"),
@@ -79,7 +92,20 @@ def variants(
             Variant("random", lambda n=n: RandomSelection(n), None, label),
             Variant("pool", lambda n=n: UniformPooling(n), None, label),
         ]
+        if compressor is not None:
+            rows += [
+                Variant("crop-plc-learned-budget", lambda n=n: CROP(None, compressor, n), "predicted", label),
+                Variant("crop-plc-learned-no-anchors", lambda n=n: CROP(None, without_anchors(compressor), n),
+                        "predicted", label),
+            ]  # fmt: skip
     return rows
+
+
+def without_anchors(compressor: LearnedPLC) -> LearnedPLC:
+    """The same trained compressor run with no anchor tokens (the anchors ablation, at inference only)."""
+    ablated = LearnedPLC(replace(compressor.config, n_anchor=0))
+    ablated.load_state_dict(compressor.state_dict())
+    return ablated
 
 
 def tune_attention_localizer(
@@ -149,6 +175,7 @@ def evaluate(
     `attention_penalty` and `attention_rows` (choose them on the validation split: `tune_attention_localizer`)."""
     torch.set_num_threads(threads)
     model, processor = load_model(model_dir)
+    compressor = LearnedPLC.from_pretrained(model_dir) if (Path(model_dir) / CONFIG_NAME).is_file() else None
     samples = [make_sample("test", i) for i in range(count)]
     layout_side = model.config.vision_config.image_size // PATCH
     grid_tokens = layout_side * layout_side
@@ -169,10 +196,11 @@ def evaluate(
         "localizer_cost": _localizer_cost(model, processor, samples[:cost_samples]),
         "attention_localization": _localization_report(samples, attended, layout_side, attention, attention_seconds),
         "attention_localizer": {"layer": attention.layer, "penalty": attention.penalty, "rows": attention.rows},
+        "learned_plc": None if compressor is None else asdict(compressor.config),
         "variants": [],
     }
     regions = {"predicted": predicted, "attention": attended, "oracle": [s.region for s in samples]}
-    for variant in variants(grid_tokens, layer, attention_penalty, attention_rows):
+    for variant in variants(grid_tokens, layer, attention_penalty, attention_rows, compressor):
         results["variants"].append(_run_variant(model, processor, variant, samples, regions, batch_size))
     full = results["variants"][0]
     for row in results["variants"]:
@@ -275,7 +303,7 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(7, 4.5))
     rows = results["variants"]
     methods = (("crop-ilp-budget", "o"), ("fastv", "^"), ("pyramiddrop", "v"), ("sparsevlm", "P"), ("visionzip", "D"),
-               ("random", "x"), ("pool", "s"))  # fmt: skip
+               ("random", "x"), ("pool", "s"), ("crop-plc-learned-budget", "*"))  # fmt: skip
     on_lines = set()
     for name, marker in methods:
         chosen = [r for r in rows if r["name"] == name and r["region"] in (None, "predicted")]
