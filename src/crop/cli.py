@@ -1,4 +1,5 @@
-"""The `crop` command: `crop ask` on any LLaVA checkpoint, `crop demo` offline on a built-in tiny model."""
+"""The `crop` command: `crop ask` on any LLaVA checkpoint, `crop demo` offline on a built-in tiny model, and the
+evaluation, benchmark, synthetic-task and training commands."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from crop.errors import CropError
 from crop.synth.assets import SHIPPED_MODEL
+from crop.train.cli import add_commands as add_training_commands
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--out", type=Path, default=Path("results") / "synth_attention_tuning.json")
     tune.add_argument("--threads", type=int, default=2)
     tune.set_defaults(run=_run_synth_tune)
+    add_training_commands(commands)
     return parser
 
 

@@ -154,43 +154,11 @@ class CropModel:
 
     @torch.inference_mode()
     def _run(self, call: Callable[..., Any], inputs: dict[str, Any], generating: bool) -> tuple[Any, PruneStats, int]:
-        inputs = dict(inputs)
-        regions_given = inputs.pop("regions", None)
-        viewports = inputs.pop("viewports", None)
+        inputs, regions, viewports, visual = self._checked(inputs)
         localize_seconds = inputs.pop("localize_seconds", None)
-        input_ids = inputs.get("input_ids")
-        if input_ids is None:
-            raise ConfigError("crop needs input_ids (the processor's output), not inputs_embeds")
-        batch = input_ids.shape[0]
-        if inputs.get("attention_mask") is None:
-            inputs["attention_mask"] = torch.ones_like(input_ids)
-        regions = self._resolve_regions(regions_given, batch)
-        viewports = list(viewports) if viewports is not None else [Viewport()] * batch
-        visual = self.adapter.visual_layouts(inputs)
         shapes = [(v.rows, v.cols) for v in visual]
-        self._check_visual_tokens(input_ids, inputs["attention_mask"], [v.num_tokens for v in visual])
-        num_layers = len(self.adapter.decoder_layers())
-        for grid_tokens in sorted({rows * cols for rows, cols in shapes}):
-            self.method.validate(num_layers, grid_tokens)
-        if any(v.is_multi_grid for v in visual) and self.method.needs_grid:
-            raise UnsupportedModelError(
-                f"{self.method.describe()} needs the image tokens as one 2-D grid; {self.adapter.family} has "
-                "several grids per image (use region-sized crop, fastv, pyramiddrop, sparsevlm or random)"
-            )
-        cell_masks = [
-            None if region is None else layout.region_mask(region, viewport)
-            for region, viewport, layout in zip(regions, viewports, visual, strict=True)
-        ]
-        encoded: list[Any] = [None] * batch
         leading = [v.leading for v in visual]
-        if self.method.acts_before_llm:
-            pixel_values = inputs.pop("pixel_values", None)
-            if pixel_values is None:
-                raise ConfigError(f"{self.method.describe()} acts before the LLM and needs pixel_values")
-            leading_features, encoded = self.method.encode(self.adapter, pixel_values, leading[0])
-        selections = [self.method.select(encoded[b], shapes[b], mask, b) for b, mask in enumerate(cell_masks)]
-        if self.method.acts_before_llm:
-            inputs = self._splice(inputs, leading_features, selections, leading[0])
+        inputs, selections = self._before_llm(inputs, regions, viewports, visual)
         model_input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         if "inputs_embeds" in inputs and not generating:
             del inputs["input_ids"]  # a forward takes ids or embeddings; generate takes both (ids for the output)
@@ -340,6 +308,66 @@ class CropModel:
                     f"row {row} has {count} image tokens; crop supports exactly one image per prompt "
                     f"({wanted} visual tokens for this row's image)"
                 )
+
+    def compressed_inputs(self, **inputs: Any) -> dict[str, Any]:
+        """The model's inputs after the method's pre-LLM step (PLC, or drops at K = 0), with gradients: to train a
+        compressor or fine-tune the VLM on compressed inputs (`crop train plc`). `inputs` as for `__call__`,
+        regions given; the result goes into `model(**result)` and keeps the spliced `input_ids` (left-padded: the
+        prompt's last tokens stay last). Methods that act inside the LLM have nothing to return here."""
+        if self.method.stage_layers or not self.method.acts_before_llm:
+            raise ConfigError(f"{self.method.describe()} does not act (only) before the LLM; nothing to compress")
+        inputs, regions, viewports, visual = self._checked(inputs)
+        inputs.pop("localize_seconds", None)
+        inputs, _ = self._before_llm(inputs, regions, viewports, visual)
+        return inputs
+
+    def _checked(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], list[Region | None], list[Viewport], list]:
+        """`(model inputs, regions, viewports, visual layouts)` of a call, after checking that every row holds one
+        image and that the method fits the model and its grids."""
+        inputs = dict(inputs)
+        regions_given = inputs.pop("regions", None)
+        viewports = inputs.pop("viewports", None)
+        input_ids = inputs.get("input_ids")
+        if input_ids is None:
+            raise ConfigError("crop needs input_ids (the processor's output), not inputs_embeds")
+        batch = input_ids.shape[0]
+        if inputs.get("attention_mask") is None:
+            inputs["attention_mask"] = torch.ones_like(input_ids)
+        regions = self._resolve_regions(regions_given, batch)
+        viewports = list(viewports) if viewports is not None else [Viewport()] * batch
+        visual = self.adapter.visual_layouts(inputs)
+        self._check_visual_tokens(input_ids, inputs["attention_mask"], [v.num_tokens for v in visual])
+        num_layers = len(self.adapter.decoder_layers())
+        for grid_tokens in sorted({v.rows * v.cols for v in visual}):
+            self.method.validate(num_layers, grid_tokens)
+        if any(v.is_multi_grid for v in visual) and self.method.needs_grid:
+            raise UnsupportedModelError(
+                f"{self.method.describe()} needs the image tokens as one 2-D grid; {self.adapter.family} has "
+                "several grids per image (use region-sized crop, fastv, pyramiddrop, sparsevlm or random)"
+            )
+        return inputs, regions, viewports, visual
+
+    def _before_llm(
+        self, inputs: dict[str, Any], regions: list[Region | None], viewports: list[Viewport], visual: list[Any]
+    ) -> tuple[dict[str, Any], list[Selection]]:
+        """Each row's selection (from its region's cells) and, for methods acting before the LLM, the inputs with
+        the grid tokens replaced by the selected or compressed ones."""
+        cell_masks = [
+            None if region is None else layout.region_mask(region, viewport)
+            for region, viewport, layout in zip(regions, viewports, visual, strict=True)
+        ]
+        encoded: list[Any] = [None] * len(cell_masks)
+        leading = visual[0].leading
+        if self.method.acts_before_llm:
+            pixel_values = inputs.pop("pixel_values", None)
+            if pixel_values is None:
+                raise ConfigError(f"{self.method.describe()} acts before the LLM and needs pixel_values")
+            leading_features, encoded = self.method.encode(self.adapter, pixel_values, leading)
+        shapes = [(v.rows, v.cols) for v in visual]
+        selections = [self.method.select(encoded[b], shapes[b], mask, b) for b, mask in enumerate(cell_masks)]
+        if self.method.acts_before_llm:
+            inputs = self._splice(inputs, leading_features, selections, leading)
+        return inputs, selections
 
     def _splice(
         self, inputs: dict[str, Any], leading_features: torch.Tensor, selections: list[Selection], leading: int

@@ -1,0 +1,1 @@
+"""Training recipes for real models: the localizer VLM and PLC fine-tuning."""

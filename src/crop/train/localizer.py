@@ -1,0 +1,162 @@
+"""`crop train localizer`: fine-tune a VLM to answer the 8x8 grid box of the region that holds the answer.
+
+Data: the JSONL that `crop data build-regions` writes (`image`, `question`, `grid` per line). Each example is the
+prompt `GridVLMLocalizer` sends at inference (its instruction in the model's chat template, with the image) followed
+by the box as `answer_format` writes it and the end-of-sequence token; the loss covers the answer only. LoRA (PEFT)
+on the language model's attention projections by default, or full fine-tuning; the transformers `Trainer` runs it
+on one device or, under `accelerate launch` / `torchrun`, on many. Checkpoints are resumable; at the end the
+adapters are merged and `final/` holds a model that `GridVLMLocalizer.from_pretrained` loads as it is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crop.errors import ConfigError
+from crop.image import load_image
+from crop.localize.grid_vlm import DEFAULT_INSTRUCTION, LOCALIZER_SETTINGS
+from crop.prompting import build_prompt
+from crop.region import GRID_SIZE, Region, grid_iou
+from crop.train.common import answer_batch, config_from_file, read_rows, split_rows
+
+DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
+"""The paper's localizer backbone."""
+
+
+@dataclass
+class LocalizerTrainConfig:
+    """A localizer fine-tuning run; load one from JSON with `from_file` and override fields from the command line."""
+
+    data: str = ""
+    model: str = DEFAULT_MODEL
+    out: str = "runs/localizer"
+    eval_data: str | None = None
+    eval_share: float = 0.05
+    """Held-out share of `data` when no `eval_data` is given."""
+    instruction: str = DEFAULT_INSTRUCTION
+    answer_format: str = "[{x0}, {y0}, {x1}, {y1}]"
+    lora: bool = True
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    epochs: float = 1.0
+    max_steps: int = -1
+    lr: float = 1e-4
+    batch_size: int = 4
+    grad_accum: int = 4
+    warmup_steps: int = 20
+    bf16: bool = False
+    seed: int = 0
+    logging_steps: int = 10
+    save_steps: int = 500
+    eval_limit: int = 500
+    """Held-out samples localized after training for mean IoU and IoU >= 0.5."""
+
+    @classmethod
+    def from_file(cls, path: str | Path | None, **overrides: Any) -> LocalizerTrainConfig:
+        return config_from_file(cls, path, **overrides)
+
+
+class LocalizerCollator:
+    """Batches prompt + answer texts with their images; labels are -100 everywhere but on the answer tokens."""
+
+    def __init__(self, processor: Any, config: LocalizerTrainConfig, root: Path) -> None:
+        self.processor = processor
+        self.config = config
+        self.root = root
+
+    def prompt(self, question: str) -> str:
+        text = self.config.instruction.format(n=GRID_SIZE, last=GRID_SIZE - 1, question=question)
+        return build_prompt(self.processor, text)
+
+    def answer(self, grid: list[int]) -> str:
+        x0, y0, x1, y1 = grid
+        return self.config.answer_format.format(x0=x0, y0=y0, x1=x1, y1=y1)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        images = [load_image(self.root / row["image"]) for row in rows]
+        prompts = [self.prompt(row["question"]) for row in rows]
+        batch = answer_batch(self.processor, images, prompts, [self.answer(row["grid"]) for row in rows])
+        del batch["answer_lengths"]
+        return batch
+
+
+def train_localizer(config: LocalizerTrainConfig) -> dict[str, Any]:
+    """Fine-tune (or resume), merge, save `out/final`, and report held-out localization; returns the report."""
+    from transformers import Trainer, TrainingArguments
+
+    from crop.loading import load_model
+
+    rows, held_out = split_rows(
+        read_rows(config.data),
+        read_rows(config.eval_data) if config.eval_data else None,
+        config.eval_share,
+        config.seed,
+    )
+    root = Path(config.data).parent
+    model, processor = load_model(config.model, attn_implementation="sdpa", dtype="float32")
+    if config.lora:
+        model = _with_lora(model, config)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    arguments = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum, learning_rate=config.lr, num_train_epochs=config.epochs,
+        max_steps=config.max_steps, warmup_steps=config.warmup_steps, bf16=config.bf16, seed=config.seed,
+        logging_steps=config.logging_steps, save_steps=config.save_steps, report_to=[],
+        remove_unused_columns=False, dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=model, args=arguments, train_dataset=rows, data_collator=LocalizerCollator(processor, config, root)
+    )
+    resume = any(out.glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    final = out / "final"
+    if trainer.is_world_process_zero():
+        merged = model.merge_and_unload() if config.lora else model
+        merged.save_pretrained(final)
+        processor.save_pretrained(final)
+        settings = {"instruction": config.instruction}
+        (final / LOCALIZER_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+    report = {"losses": [e["loss"] for e in trainer.state.log_history if "loss" in e], "final": str(final)}
+    if trainer.is_world_process_zero() and held_out:
+        report["eval"] = evaluate_localizer(final, held_out[: config.eval_limit], Path(config.eval_data or config.data))
+        (out / "eval.json").write_text(json.dumps(report["eval"], indent=2) + "\n")
+    return report
+
+
+def evaluate_localizer(model_dir: str | Path, rows: list[dict[str, Any]], data: Path) -> dict[str, float]:
+    """Mean grid IoU, share with IoU >= 0.5, and unparsable answers of the saved localizer on `rows`."""
+    from crop.localize import GridVLMLocalizer
+
+    localizer = GridVLMLocalizer.from_pretrained(model_dir)
+    ious = []
+    for row in rows:
+        predicted = localizer.localize(load_image(data.parent / row["image"]), row["question"])
+        ious.append(grid_iou(Region.from_grid(row["grid"]), predicted))
+    return {
+        "samples": len(rows),
+        "mean_iou": sum(ious) / len(ious),
+        "iou_at_least_0.5": sum(iou >= 0.5 for iou in ious) / len(ious),
+        "unparsable": localizer.fallback_count / len(rows),
+    }
+
+
+def _with_lora(model: Any, config: LocalizerTrainConfig) -> Any:
+    """The model with LoRA adapters on the language model's projections named in `lora_targets`."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise ConfigError("LoRA needs PEFT: pip install peft (or train with lora=false)") from exc
+    targets = rf".*language_model.*\.({'|'.join(config.lora_targets)})$"
+    lora = LoraConfig(
+        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=targets
+    )
+    return get_peft_model(model, lora)
