@@ -76,6 +76,22 @@ def test_localizer_with_lora_lowers_the_loss(tiny_dir, data, tmp_path):
     assert not any("lora" in name for name, _ in reloaded.model.named_parameters())  # merged
 
 
+def test_localizer_on_qwen2_vl_in_memory(data, tmp_path):
+    """The paper's localizer family: the Qwen2-VL processor's prompts and labels train (a saved tiny Qwen2-VL does
+    not load back through AutoProcessor in transformers 5.24, so the loaded objects are passed in)."""
+    from crop.tiny_qwen import build_qwen_model, build_qwen_processor
+
+    model, processor = build_qwen_model(), build_qwen_processor()
+    config = LocalizerTrainConfig(
+        data=str(data), eval_data=str(data), out=str(tmp_path / "run"), lora=True, lora_rank=8, max_steps=10,
+        lr=1e-2, batch_size=4, grad_accum=1, warmup_steps=0, logging_steps=1,
+    )  # fmt: skip
+    report = train_localizer(config, model, processor)
+    assert report["losses"][-1] < report["losses"][0]
+    assert report["eval"]["samples"] == 4
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
 def plc_config(tiny_dir, data, out, **overrides) -> PLCTrainConfig:
     settings = dict(
         data=str(data), eval_data=str(data), model=str(tiny_dir), out=str(out), batch_size=4, grad_accum=1,

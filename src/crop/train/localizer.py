@@ -19,7 +19,7 @@ import torch
 
 from crop.errors import ConfigError
 from crop.image import load_image
-from crop.localize.grid_vlm import DEFAULT_INSTRUCTION, LOCALIZER_SETTINGS
+from crop.localize.grid_vlm import DEFAULT_INSTRUCTION, LOCALIZER_SETTINGS, GridVLMLocalizer
 from crop.prompting import build_prompt
 from crop.region import GRID_SIZE, Region, grid_iou
 from crop.train.common import answer_batch, config_from_file, read_rows, split_rows
@@ -87,8 +87,9 @@ class LocalizerCollator:
         return batch
 
 
-def train_localizer(config: LocalizerTrainConfig) -> dict[str, Any]:
-    """Fine-tune (or resume), merge, save `out/final`, and report held-out localization; returns the report."""
+def train_localizer(config: LocalizerTrainConfig, model: Any = None, processor: Any = None) -> dict[str, Any]:
+    """Fine-tune (or resume), merge, save `out/final`, and report held-out localization; returns the report.
+    `model` and `processor`, when given, are trained instead of loading `config.model`."""
     from transformers import Trainer, TrainingArguments
 
     from crop.loading import load_model
@@ -100,7 +101,8 @@ def train_localizer(config: LocalizerTrainConfig) -> dict[str, Any]:
         config.seed,
     )
     root = Path(config.data).parent
-    model, processor = load_model(config.model, attn_implementation="sdpa", dtype="float32")
+    if model is None or processor is None:
+        model, processor = load_model(config.model, attn_implementation="sdpa", dtype="float32")
     if config.lora:
         model = _with_lora(model, config)
     out = Path(config.out)
@@ -119,27 +121,27 @@ def train_localizer(config: LocalizerTrainConfig) -> dict[str, Any]:
     resume = any(out.glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if resume else None)
     final = out / "final"
+    report = {"losses": [e["loss"] for e in trainer.state.log_history if "loss" in e], "final": str(final)}
     if trainer.is_world_process_zero():
         merged = model.merge_and_unload() if config.lora else model
         merged.save_pretrained(final)
         processor.save_pretrained(final)
         settings = {"instruction": config.instruction}
         (final / LOCALIZER_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
-    report = {"losses": [e["loss"] for e in trainer.state.log_history if "loss" in e], "final": str(final)}
-    if trainer.is_world_process_zero() and held_out:
-        report["eval"] = evaluate_localizer(final, held_out[: config.eval_limit], Path(config.eval_data or config.data))
-        (out / "eval.json").write_text(json.dumps(report["eval"], indent=2) + "\n")
+        if held_out:
+            localizer = GridVLMLocalizer.from_model(merged.eval(), processor, final)
+            root = Path(config.eval_data or config.data).parent
+            report["eval"] = evaluate_localizer(localizer, held_out[: config.eval_limit], root)
+            (out / "eval.json").write_text(json.dumps(report["eval"], indent=2) + "\n")
     return report
 
 
-def evaluate_localizer(model_dir: str | Path, rows: list[dict[str, Any]], data: Path) -> dict[str, float]:
-    """Mean grid IoU, share with IoU >= 0.5, and unparsable answers of the saved localizer on `rows`."""
-    from crop.localize import GridVLMLocalizer
-
-    localizer = GridVLMLocalizer.from_pretrained(model_dir)
+def evaluate_localizer(localizer: GridVLMLocalizer, rows: list[dict[str, Any]], root: Path) -> dict[str, float]:
+    """Mean grid IoU, share with IoU >= 0.5, and unparsable answers of `localizer` on `rows` (images under
+    `root`)."""
     ious = []
     for row in rows:
-        predicted = localizer.localize(load_image(data.parent / row["image"]), row["question"])
+        predicted = localizer.localize(load_image(root / row["image"]), row["question"])
         ious.append(grid_iou(Region.from_grid(row["grid"]), predicted))
     return {
         "samples": len(rows),
