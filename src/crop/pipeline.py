@@ -359,10 +359,10 @@ class CropModel:
         encoded: list[Any] = [None] * len(cell_masks)
         leading = visual[0].leading
         if self.method.acts_before_llm:
-            pixel_values = inputs.pop("pixel_values", None)
-            if pixel_values is None:
+            if inputs.get("pixel_values") is None:
                 raise ConfigError(f"{self.method.describe()} acts before the LLM and needs pixel_values")
-            leading_features, encoded = self.method.encode(self.adapter, pixel_values, leading)
+            leading_features, encoded = self.method.encode(self.adapter, inputs, leading)
+            del inputs["pixel_values"]
         shapes = [(v.rows, v.cols) for v in visual]
         selections = [self.method.select(encoded[b], shapes[b], mask, b) for b, mask in enumerate(cell_masks)]
         if self.method.acts_before_llm:
@@ -384,14 +384,13 @@ class CropModel:
             leading,
         )
         row_features = [torch.cat([leading_features[b], c.features]) for b, c in enumerate(compressed)]
-        inputs.update(
+        spliced = dict(inputs)
+        spliced.update(
             input_ids=input_ids,
             attention_mask=attention_mask,
             inputs_embeds=self.adapter.embed(input_ids, row_features),
         )
-        if self.method.position == "original":
-            inputs["position_ids"] = position_ids
-        return inputs
+        return self.adapter.spliced_inputs(inputs, spliced, position_ids, self.method.position)
 
     def _plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_visual: list[torch.Tensor]) -> KeepPlan:
         keep = attention_mask.bool().clone()

@@ -120,13 +120,28 @@ class ModelAdapter(ABC):
     def viewport(self, processor: Any, image_size: tuple[int, int]) -> Viewport:
         """Where an image of `(width, height)` lands on the token grid after the processor."""
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected visual tokens `(images, tokens, dim)`, as the LLM would receive them (pre-LLM methods)."""
+    def image_features(self, inputs: dict[str, Any]) -> list[torch.Tensor]:
+        """Each image's projected visual tokens `(tokens, dim)`, as the LLM would receive them, from the
+        processor's `inputs` (pre-LLM methods)."""
         raise UnsupportedModelError(f"{self.family}: methods acting before the LLM are not supported yet")
 
     def embed(self, input_ids: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Input embeddings with `features[b]` written over row b's image placeholders (pre-LLM methods)."""
-        raise UnsupportedModelError(f"{self.family}: methods acting before the LLM are not supported yet")
+        embeds = self.model.get_input_embeddings()(input_ids)
+        placeholders = (input_ids == self.image_token_id).unsqueeze(-1)
+        flat = torch.cat(list(features)).to(embeds.dtype)
+        return embeds.masked_scatter(placeholders, flat)
+
+    def spliced_inputs(
+        self, original: dict[str, Any], spliced: dict[str, Any], source: torch.Tensor, position: str
+    ) -> dict[str, Any]:
+        """The model inputs after a pre-LLM method replaced the grid: `spliced` holds the new ids, mask and
+        embeddings; `source[b, i]` is the index, in row b's unpadded original prompt, whose position new token i
+        takes. With 1-D positions, `position="original"` passes those indices as position ids and "compact" lets
+        the model number the new prompt consecutively."""
+        if position == "original":
+            spliced["position_ids"] = source
+        return spliced
 
     def query_attention(
         self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], count: int = 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -38,21 +37,15 @@ class LlavaAdapter(ModelAdapter):
             return Viewport.center_crop(width, height)
         return Viewport()
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def image_features(self, inputs: dict[str, Any]) -> list[torch.Tensor]:
         config = self.model.config
         output = self.model.model.get_image_features(
-            pixel_values=pixel_values.to(self.model.dtype),
+            pixel_values=inputs["pixel_values"].to(self.model.dtype),
             vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
             return_dict=True,
         )
-        return torch.stack(list(output.pooler_output))
-
-    def embed(self, input_ids: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        embeds = self.model.get_input_embeddings()(input_ids)
-        placeholders = (input_ids == self.image_token_id).unsqueeze(-1)
-        flat = torch.cat(list(features)).to(embeds.dtype)
-        return embeds.masked_scatter(placeholders, flat)
+        return list(output.pooler_output)
 
     def vision_internals(self, pixel_values: torch.Tensor) -> VisionInternals:
         config = self.model.config

@@ -6,13 +6,19 @@ raster order (`image_grid_thw` holds `(1, h, w)` in patches per image). Position
 height, width); the text model turns them into rotary `(cos, sin)` of shape `(batch, length, head_dim)` and passes
 the text positions to the layers, so ILP gathers both exactly as for LLaVA: kept tokens keep the positions they had,
 and decoding continues from them (`rope_deltas` is computed by the model from the unpruned prompt).
-Methods that replace the grid before the LLM (PLC, pooling, VisionZip, K=0) would need new 3-D positions for the
-spliced tokens: not supported yet.
+Methods that replace the grid before the LLM (PLC, pooling, ILP at K = 0) splice the new tokens into the prompt and
+pass 3-D positions explicitly: each new token takes the 3-D position of the prompt token it stands for (a pooled
+window: its first cell; a learned query: the first cell of its part), the text after the image keeps its own, and
+the text row of the positions numbers the new prompt consecutively. `generate` then continues every row by +1 a
+step, which is where the unpruned prompt's decoding continues too. VisionZip needs a CLS token, which this vision
+tower does not have.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 from crop.errors import ConfigError, UnsupportedModelError
 from crop.models.base import ModelAdapter, VisualLayout
@@ -23,7 +29,6 @@ class Qwen2VLAdapter(ModelAdapter):
     """Visual tokens: one `(h/merge) x (w/merge)` raster grid per image, sized by `image_grid_thw`."""
 
     family = "qwen2-vl"
-    supports_pre_llm = False
 
     def visual_layout(self) -> VisualLayout | None:
         return None
@@ -49,3 +54,39 @@ class Qwen2VLAdapter(ModelAdapter):
         """The resize keeps the aspect ratio (up to rounding to whole patches) and crops nothing: the grid shows
         the whole image."""
         return Viewport()
+
+    def image_features(self, inputs: dict[str, Any]) -> list[torch.Tensor]:
+        grids = inputs.get("image_grid_thw")
+        if grids is None:
+            raise ConfigError("Qwen2-VL inputs need image_grid_thw (pass the processor's whole output)")
+        vision = self.model.model.visual
+        output = self.model.model.get_image_features(inputs["pixel_values"].to(vision.dtype), grids, return_dict=True)
+        return list(output.pooler_output)
+
+    def spliced_inputs(
+        self, original: dict[str, Any], spliced: dict[str, Any], source: torch.Tensor, position: str
+    ) -> dict[str, Any]:
+        """3-D positions gathered from the unpruned prompt's (whatever `position` says: they carry the image
+        geometry); the image's grid sizes and token types describe the new prompt, so the model does not
+        recompute positions from them."""
+        if original.get("mm_token_type_ids") is None:
+            raise ConfigError("Qwen2-VL inputs need mm_token_type_ids (pass the processor's whole output)")
+        mask = original["attention_mask"].bool()
+        rope, _ = self.model.model.get_rope_index(
+            original["input_ids"],
+            image_grid_thw=original["image_grid_thw"],
+            attention_mask=original["attention_mask"],
+            mm_token_type_ids=original["mm_token_type_ids"],
+        )
+        new_mask = spliced["attention_mask"]
+        positions = torch.zeros((4, *new_mask.shape), dtype=torch.long, device=new_mask.device)
+        positions[0] = (new_mask.long().cumsum(-1) - 1).clamp(min=0)
+        for row in range(new_mask.shape[0]):
+            real = new_mask[row].bool()
+            unpadded = rope[:, row, mask[row]]
+            positions[1:, row, real] = unpadded[:, source[row, real]].to(positions.device)
+        spliced["position_ids"] = positions
+        spliced.pop("image_grid_thw", None)
+        token_types = original["mm_token_type_ids"]
+        spliced["mm_token_type_ids"] = (spliced["input_ids"] == self.image_token_id).to(token_types.dtype)
+        return spliced

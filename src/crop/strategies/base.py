@@ -82,11 +82,12 @@ class Method(ABC):
         """Whether `select` returns compressed tokens (it then needs the image features)."""
         return False
 
-    def encode(self, adapter: Any, pixel_values: torch.Tensor, leading: int) -> tuple[torch.Tensor, list[Any]]:
+    def encode(self, adapter: Any, inputs: dict[str, Any], leading: int) -> tuple[torch.Tensor, list[Any]]:
         """For methods acting before the LLM: `(leading token features (B, leading, dim), per-row inputs of
-        select)`. By default the projected grid features `(rows*cols, dim)` of each row."""
-        features = adapter.image_features(pixel_values)
-        return features[:, :leading], list(features[:, leading:])
+        select)` from the processor's `inputs`. By default the projected grid features `(rows*cols, dim)` of each
+        row."""
+        features = adapter.image_features(inputs)
+        return torch.stack([f[:leading] for f in features]), [f[leading:] for f in features]
 
     def validate(self, num_layers: int, grid_tokens: int | None) -> None:
         """Refuse settings that do not fit the model (a layer out of range, a budget above the grid); `grid_tokens`

@@ -50,9 +50,10 @@ class VisionZip(Method):
     def validate(self, num_layers: int, grid_tokens: int | None) -> None:
         check_budget(self.name, self.budget, grid_tokens)
 
-    def encode(self, adapter: Any, pixel_values: torch.Tensor, leading: int) -> tuple[torch.Tensor, list[Any]]:
+    def encode(self, adapter: Any, inputs: dict[str, Any], leading: int) -> tuple[torch.Tensor, list[Any]]:
         if leading:
             raise ConfigError("VisionZip adds the CLS token itself: use the 'default' feature strategy")
+        pixel_values = inputs["pixel_values"]
         internals = adapter.vision_internals(pixel_values)
         rows = [
             (internals.hidden[b], internals.cls_attention[b], internals.keys[b], adapter.project)
