@@ -54,3 +54,28 @@ def batch_inputs(processor, size: int, padded: bool = True) -> dict:
     questions = [QUESTIONS[i % len(QUESTIONS)] if padded else QUESTIONS[0] for i in range(size)]
     prompts = [f"USER: <image>\n{question} ASSISTANT:" for question in questions]
     return dict(processor(images=images, text=prompts, return_tensors="pt", padding=True, padding_side="left"))
+
+
+QWEN_SIZES = [(224, 112), (112, 168), (200, 160)]  # Qwen2-VL grids 4x8, 6x4, 6x7 tokens after the 2x2 merge
+
+
+def qwen_batch(processor, count: int) -> dict:
+    """A left-padded Qwen2-VL batch of `count` images of different sizes and questions."""
+    from crop.tiny_qwen import qwen_inputs
+
+    images = [make_image(*QWEN_SIZES[i], seed=i) for i in range(count)]
+    return qwen_inputs(processor, images, [QUESTIONS[i % len(QUESTIONS)] for i in range(count)])
+
+
+def qwen_row(inputs: dict, row: int) -> dict:
+    """Row `row` of a Qwen2-VL batch alone, without its left padding."""
+    real = inputs["attention_mask"][row].bool()
+    sizes = inputs["image_grid_thw"].prod(-1).tolist()
+    start = sum(sizes[:row])
+    return {
+        "input_ids": inputs["input_ids"][row][real][None],
+        "attention_mask": torch.ones(1, int(real.sum()), dtype=torch.long),
+        "mm_token_type_ids": inputs["mm_token_type_ids"][row][real][None],
+        "pixel_values": inputs["pixel_values"][start : start + sizes[row]],
+        "image_grid_thw": inputs["image_grid_thw"][row : row + 1],
+    }

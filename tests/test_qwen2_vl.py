@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import QUESTIONS, make_image
+from conftest import QUESTIONS, make_image, qwen_batch, qwen_row
 from reference import full_region_logits_match, layer_zero_inputs, reference_logits
 
 import crop
 from crop.region import Region
-from crop.tiny_qwen import build_qwen_model, build_qwen_processor, qwen_inputs
+from crop.tiny_qwen import build_qwen_model, build_qwen_processor
 
-SIZES = [(224, 112), (112, 168), (200, 160)]  # grids 4x8, 6x4, 6x7 tokens
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 
 
@@ -25,38 +24,19 @@ def model(request):
     return build_qwen_model(family=request.param)
 
 
-def batch(processor, count: int) -> dict:
-    images = [make_image(*SIZES[i], seed=i) for i in range(count)]
-    return qwen_inputs(processor, images, [QUESTIONS[i % len(QUESTIONS)] for i in range(count)])
-
-
-def row_inputs(inputs: dict, row: int) -> dict:
-    """Row `row` alone, without its left padding."""
-    real = inputs["attention_mask"][row].bool()
-    sizes = inputs["image_grid_thw"].prod(-1).tolist()
-    start = sum(sizes[:row])
-    return {
-        "input_ids": inputs["input_ids"][row][real][None],
-        "attention_mask": torch.ones(1, int(real.sum()), dtype=torch.long),
-        "mm_token_type_ids": inputs["mm_token_type_ids"][row][real][None],
-        "pixel_values": inputs["pixel_values"][start : start + sizes[row]],
-        "image_grid_thw": inputs["image_grid_thw"][row : row + 1],
-    }
-
-
 def test_nothing_pruned_equals_the_model(model, processor):
-    assert full_region_logits_match(model, processor, batch(processor, 3)) == [32, 24, 42]
+    assert full_region_logits_match(model, processor, qwen_batch(processor, 3)) == [32, 24, 42]
 
 
 @pytest.mark.parametrize("layer", [1, 2])
 def test_ilp_equals_reference_row_by_row_and_batch_equals_rows(model, processor, layer):
-    inputs = batch(processor, 3)
+    inputs = qwen_batch(processor, 3)
     regions = [Region(0.0, 0.0, 0.5, 1.0), Region(0.25, 0.5, 1.0, 1.0), Region(0.4, 0.1, 0.9, 0.6)]
     pruned = crop.apply(model, processor, ilp=layer)
     try:
         output, stats = pruned(**inputs, regions=regions)
         for row in range(3):
-            alone = row_inputs(inputs, row)
+            alone = qwen_row(inputs, row)
             single, _ = pruned(**alone, regions=[regions[row]])
             ids = alone["input_ids"][0]
             visual = (ids == model.config.image_token_id).nonzero().squeeze(1)
@@ -75,7 +55,7 @@ def test_ilp_equals_reference_row_by_row_and_batch_equals_rows(model, processor,
 
 def test_kept_tokens_keep_their_3d_positions(model, processor):
     """At layers >= K the kept tokens see exactly the rotary embeddings and text positions they had unpruned."""
-    inputs = row_inputs(batch(processor, 1), 0)
+    inputs = qwen_row(qwen_batch(processor, 1), 0)
     _, full_cos, full_sin, full_positions = layer_zero_inputs(model, inputs)
     region = Region(0.5, 0.0, 1.0, 0.5)
     pruned = crop.apply(model, processor, ilp=2)
@@ -107,7 +87,7 @@ def test_kept_tokens_keep_their_3d_positions(model, processor):
 
 
 def test_left_half_of_a_wide_image_keeps_exactly_its_tokens(model, processor):
-    inputs = row_inputs(batch(processor, 1), 0)  # 224 x 112: a 2:1 image, grid 4 x 8 after the 2x2 merge
+    inputs = qwen_row(qwen_batch(processor, 1), 0)  # 224 x 112: a 2:1 image, grid 4 x 8 after the 2x2 merge
     pruned = crop.apply(model, processor, ilp=1)
     try:
         _, stats = pruned(**inputs, regions=[Region(0.0, 0.0, 0.5, 1.0)])
@@ -123,13 +103,13 @@ def test_left_half_of_a_wide_image_keeps_exactly_its_tokens(model, processor):
 
 
 def test_generation_with_cache_equals_recompute(model, processor):
-    inputs = batch(processor, 2)
+    inputs = qwen_batch(processor, 2)
     regions = [Region(0.0, 0.0, 0.5, 1.0), Region(0.25, 0.25, 1.0, 1.0)]
     pruned = crop.apply(model, processor, ilp=2)
     try:
         sequences, _ = pruned.generate(**inputs, regions=regions, max_new_tokens=3, min_new_tokens=3, do_sample=False)
         for row in range(2):
-            alone = row_inputs(inputs, row)
+            alone = qwen_row(inputs, row)
             ids = alone["input_ids"][0]
             visual = (ids == model.config.image_token_id).nonzero().squeeze(1)
             _, height, width = alone["image_grid_thw"][0].tolist()
@@ -150,13 +130,13 @@ def test_generation_with_cache_equals_recompute(model, processor):
 
 @pytest.mark.parametrize("method", ["fastv", "pyramiddrop", "sparsevlm", "crop-fused"])
 def test_in_llm_baselines_run_on_dynamic_grids(model, processor, method):
-    inputs = batch(processor, 3)
+    inputs = qwen_batch(processor, 3)
     pruned = crop.apply(model, processor, method=method, budget=12)
     try:
         output, stats = pruned(**inputs)
         sequences, _ = pruned.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
         for row in range(3):
-            single, _ = pruned(**row_inputs(inputs, row))
+            single, _ = pruned(**qwen_row(inputs, row))
             torch.testing.assert_close(output.logits[row, -1], single.logits[0, -1], atol=1e-5, rtol=0)
     finally:
         pruned.remove()
@@ -168,7 +148,7 @@ def test_a_budget_above_the_grid_is_refused(model, processor):
     pruned = crop.apply(model, processor, method="fastv", budget=30)
     try:
         with pytest.raises(crop.ConfigError, match="budget 30 must be an integer in 1..24"):
-            pruned(**row_inputs(batch(processor, 2), 1))
+            pruned(**qwen_row(qwen_batch(processor, 2), 1))
     finally:
         pruned.remove()
 

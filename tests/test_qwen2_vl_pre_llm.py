@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import QUESTIONS, make_image
+from conftest import qwen_batch, qwen_row
 from reference import causal_mask
 
 import crop
@@ -15,9 +15,8 @@ from crop.region import Region
 from crop.strategies.crop_method import CROP
 from crop.strategies.ilp import ILP
 from crop.strategies.plc import PLC
-from crop.tiny_qwen import build_qwen_model, build_qwen_processor, qwen_inputs
+from crop.tiny_qwen import build_qwen_model, build_qwen_processor
 
-SIZES = [(224, 112), (112, 168), (200, 160)]  # grids 4x8, 6x4, 6x7 tokens
 REGIONS = [Region(0.0, 0.0, 0.5, 1.0), Region(0.25, 0.5, 1.0, 1.0), Region(0.4, 0.1, 0.9, 0.6)]
 METHODS = {"plc": lambda: CROP(None, PLC(ratio=2)), "k0": lambda: CROP(ILP(0)), "plc+ilp": lambda: CROP(ILP(2), PLC())}
 
@@ -30,25 +29,6 @@ def processor():
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
 def model(request):
     return build_qwen_model(family=request.param)
-
-
-def batch(processor, count: int) -> dict:
-    images = [make_image(*SIZES[i], seed=i) for i in range(count)]
-    return qwen_inputs(processor, images, [QUESTIONS[i % len(QUESTIONS)] for i in range(count)])
-
-
-def row_inputs(inputs: dict, row: int) -> dict:
-    """Row `row` alone, without its left padding."""
-    real = inputs["attention_mask"][row].bool()
-    sizes = inputs["image_grid_thw"].prod(-1).tolist()
-    start = sum(sizes[:row])
-    return {
-        "input_ids": inputs["input_ids"][row][real][None],
-        "attention_mask": torch.ones(1, int(real.sum()), dtype=torch.long),
-        "mm_token_type_ids": inputs["mm_token_type_ids"][row][real][None],
-        "pixel_values": inputs["pixel_values"][start : start + sizes[row]],
-        "image_grid_thw": inputs["image_grid_thw"][row : row + 1],
-    }
 
 
 def spliced_by_hand(model, alone: dict, region: Region, method: CROP) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -110,13 +90,13 @@ def reference(model, alone: dict, region: Region, method: CROP) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", METHODS)
 def test_pre_llm_methods_equal_the_hand_reference_and_batch_equals_rows(model, processor, name):
-    inputs = batch(processor, 3)
+    inputs = qwen_batch(processor, 3)
     method = METHODS[name]()
     pruned = crop.apply(model, processor, method=method)
     try:
         output, stats = pruned(**inputs, regions=REGIONS)
         for row in range(3):
-            alone = row_inputs(inputs, row)
+            alone = qwen_row(inputs, row)
             expected = reference(model, alone, REGIONS[row], method)
             got = output.logits[row, output.logits.shape[1] - expected.shape[0] :]
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
@@ -128,7 +108,7 @@ def test_pre_llm_methods_equal_the_hand_reference_and_batch_equals_rows(model, p
 
 
 def test_whole_image_through_plc_equals_the_model(model, processor):
-    inputs = batch(processor, 3)
+    inputs = qwen_batch(processor, 3)
     with torch.no_grad():
         expected = model(**inputs).logits
     pruned = crop.apply(model, processor, method=CROP(None, PLC(ratio=4)))
@@ -144,7 +124,7 @@ def test_whole_image_through_plc_equals_the_model(model, processor):
 def test_cached_generation_equals_recomputing_by_hand(model, processor):
     """Greedy decoding with the cache equals running the hand-spliced prompt plus the tokens so far at every step,
     each new token one position after the last on all three rows (where the unpruned prompt's decoding goes)."""
-    inputs = batch(processor, 2)
+    inputs = qwen_batch(processor, 2)
     method = CROP(None, PLC(ratio=2))
     steps = 3
     pruned = crop.apply(model, processor, method=method)
@@ -155,7 +135,7 @@ def test_cached_generation_equals_recomputing_by_hand(model, processor):
     finally:
         pruned.remove()
     for row in range(2):
-        alone = row_inputs(inputs, row)
+        alone = qwen_row(inputs, row)
         embeds, positions, _ = spliced_by_hand(model, alone, REGIONS[row], method)
         tokens = []
         for _ in range(steps):
@@ -168,7 +148,7 @@ def test_cached_generation_equals_recomputing_by_hand(model, processor):
 
 
 def test_pooling_baseline_and_refusals(model, processor):
-    inputs = batch(processor, 3)
+    inputs = qwen_batch(processor, 3)
     pruned = crop.apply(model, processor, method="pool", budget=8)
     try:
         _, stats = pruned(**inputs)
@@ -181,7 +161,7 @@ def test_pooling_baseline_and_refusals(model, processor):
             pruned(**inputs)
         finally:
             pruned.remove()
-    alone = row_inputs(inputs, 0)
+    alone = qwen_row(inputs, 0)
     del alone["mm_token_type_ids"]
     pruned = crop.apply(model, processor, method=CROP(ILP(0)))
     try:

@@ -50,7 +50,7 @@ def data(tmp_path):
 def test_localizer_learns_to_answer_grid_boxes_and_reloads(tiny_dir, data, tmp_path):
     config = LocalizerTrainConfig(
         data=str(data), eval_data=str(data), model=str(tiny_dir), out=str(tmp_path / "run"), lora=False,
-        max_steps=40, lr=3e-3, batch_size=4, grad_accum=1, warmup_steps=0, logging_steps=1, save_steps=20,
+        max_steps=40, lr=3e-3, batch_size=4, grad_accum=1, warmup_steps=0, log_every=1, save_every=20,
         answer_format="[{x0}, {y0}, {x1}, {y1}]",
     )  # fmt: skip
     report = train_localizer(config)
@@ -68,7 +68,7 @@ def test_localizer_learns_to_answer_grid_boxes_and_reloads(tiny_dir, data, tmp_p
 def test_localizer_with_lora_lowers_the_loss(tiny_dir, data, tmp_path):
     config = LocalizerTrainConfig(
         data=str(data), model=str(tiny_dir), out=str(tmp_path / "run"), lora=True, lora_rank=8,
-        max_steps=12, lr=1e-2, batch_size=4, grad_accum=1, warmup_steps=0, logging_steps=1, eval_share=0.0,
+        max_steps=12, lr=1e-2, batch_size=4, grad_accum=1, warmup_steps=0, log_every=1, eval_share=0.0,
     )  # fmt: skip
     losses = train_localizer(config)["losses"]
     assert losses[-1] < losses[0]
@@ -84,7 +84,7 @@ def test_localizer_on_qwen2_vl_in_memory(data, tmp_path):
     model, processor = build_qwen_model(), build_qwen_processor()
     config = LocalizerTrainConfig(
         data=str(data), eval_data=str(data), out=str(tmp_path / "run"), lora=True, lora_rank=8, max_steps=10,
-        lr=1e-2, batch_size=4, grad_accum=1, warmup_steps=0, logging_steps=1,
+        lr=1e-2, batch_size=4, grad_accum=1, warmup_steps=0, log_every=1,
     )  # fmt: skip
     report = train_localizer(config, model, processor)
     assert report["losses"][-1] < report["losses"][0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,6 +15,39 @@ from crop.errors import ConfigError
 from crop.region import Region
 
 Config = TypeVar("Config")
+
+
+@dataclass
+class TrainingSettings:
+    """What every training recipe is told: data, model, output folder, held-out split, LoRA and optimisation.
+    `from_file` reads the settings from JSON and applies command-line overrides."""
+
+    data: str = ""
+    model: str = ""
+    out: str = ""
+    eval_data: str | None = None
+    eval_share: float = 0.05
+    """Held-out share of `data` when no `eval_data` is given."""
+    eval_limit: int = 200
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    epochs: float = 1.0
+    max_steps: int = -1
+    """Optimizer steps; -1 runs `epochs` over the data."""
+    lr: float = 1e-4
+    batch_size: int = 4
+    grad_accum: int = 4
+    warmup_steps: int = 20
+    bf16: bool = False
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 200
+
+    @classmethod
+    def from_file(cls: type[Config], path: str | Path | None, **overrides: Any) -> Config:
+        return config_from_file(cls, path, **overrides)
 
 
 def config_from_file(cls: type[Config], path: str | Path | None, **overrides: Any) -> Config:
@@ -76,3 +109,18 @@ def answer_batch(processor: Any, images: list[Any], prompts: list[str], answers:
     batch["labels"] = labels
     batch["answer_lengths"] = torch.tensor(answer_lengths)
     return batch
+
+
+def with_lora(model: Any, settings: TrainingSettings, without: str) -> Any:
+    """The PEFT wrapper of `model` with LoRA adapters on the language model's projections named in
+    `lora_targets` (the adapters sit inside `model` itself); `without` says how to train without PEFT."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise ConfigError(f"LoRA needs PEFT: pip install peft (or train with {without})") from exc
+    targets = rf".*language_model.*\.({'|'.join(settings.lora_targets)})$"
+    lora = LoraConfig(
+        r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+        target_modules=targets,
+    )  # fmt: skip
+    return get_peft_model(model, lora)

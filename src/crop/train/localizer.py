@@ -11,56 +11,32 @@ adapters are merged and `final/` holds a model that `GridVLMLocalizer.from_pretr
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from crop.errors import ConfigError
 from crop.image import load_image
 from crop.localize.grid_vlm import DEFAULT_INSTRUCTION, LOCALIZER_SETTINGS, GridVLMLocalizer
 from crop.prompting import build_prompt
 from crop.region import GRID_SIZE, Region, grid_iou
-from crop.train.common import answer_batch, config_from_file, read_rows, split_rows
+from crop.train.common import TrainingSettings, answer_batch, read_rows, split_rows, with_lora
 
 DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
 """The paper's localizer backbone."""
 
 
 @dataclass
-class LocalizerTrainConfig:
-    """A localizer fine-tuning run; load one from JSON with `from_file` and override fields from the command line."""
+class LocalizerTrainConfig(TrainingSettings):
+    """A localizer fine-tuning run (the shared settings, plus the prompt, the answer's form and LoRA or not)."""
 
-    data: str = ""
     model: str = DEFAULT_MODEL
     out: str = "runs/localizer"
-    eval_data: str | None = None
-    eval_share: float = 0.05
-    """Held-out share of `data` when no `eval_data` is given."""
     instruction: str = DEFAULT_INSTRUCTION
     answer_format: str = "[{x0}, {y0}, {x1}, {y1}]"
     lora: bool = True
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    epochs: float = 1.0
-    max_steps: int = -1
-    lr: float = 1e-4
-    batch_size: int = 4
-    grad_accum: int = 4
-    warmup_steps: int = 20
-    bf16: bool = False
-    seed: int = 0
-    logging_steps: int = 10
-    save_steps: int = 500
-    eval_limit: int = 500
-    """Held-out samples localized after training for mean IoU and IoU >= 0.5."""
-
-    @classmethod
-    def from_file(cls, path: str | Path | None, **overrides: Any) -> LocalizerTrainConfig:
-        return config_from_file(cls, path, **overrides)
+    """LoRA adapters (PEFT) on the language model, merged at the end; false: full fine-tuning."""
 
 
 class LocalizerCollator:
@@ -104,7 +80,7 @@ def train_localizer(config: LocalizerTrainConfig, model: Any = None, processor: 
     if model is None or processor is None:
         model, processor = load_model(config.model, attn_implementation="sdpa", dtype="float32")
     if config.lora:
-        model = _with_lora(model, config)
+        model = with_lora(model, config, "lora=false")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
@@ -112,7 +88,7 @@ def train_localizer(config: LocalizerTrainConfig, model: Any = None, processor: 
         output_dir=str(out), per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum, learning_rate=config.lr, num_train_epochs=config.epochs,
         max_steps=config.max_steps, warmup_steps=config.warmup_steps, bf16=config.bf16, seed=config.seed,
-        logging_steps=config.logging_steps, save_steps=config.save_steps, report_to=[],
+        logging_steps=config.log_every, save_steps=config.save_every, report_to=[],
         remove_unused_columns=False, dataloader_num_workers=0,
     )  # fmt: skip
     trainer = Trainer(
@@ -149,16 +125,3 @@ def evaluate_localizer(localizer: GridVLMLocalizer, rows: list[dict[str, Any]], 
         "iou_at_least_0.5": sum(iou >= 0.5 for iou in ious) / len(ious),
         "unparsable": localizer.fallback_count / len(rows),
     }
-
-
-def _with_lora(model: Any, config: LocalizerTrainConfig) -> Any:
-    """The model with LoRA adapters on the language model's projections named in `lora_targets`."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as exc:
-        raise ConfigError("LoRA needs PEFT: pip install peft (or train with lora=false)") from exc
-    targets = rf".*language_model.*\.({'|'.join(config.lora_targets)})$"
-    lora = LoraConfig(
-        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=targets
-    )
-    return get_peft_model(model, lora)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,22 +34,18 @@ from crop.region import Region
 from crop.strategies.crop_method import CROP
 from crop.strategies.learned_plc import LearnedPLC, LearnedPLCConfig
 from crop.strategies.plc import PLC
-from crop.train.common import answer_batch, config_from_file, read_rows, split_rows
+from crop.train.common import TrainingSettings, answer_batch, read_rows, split_rows, with_lora
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 KEYS = ("image", "question", "answer", "grid")
 
 
 @dataclass
-class PLCTrainConfig:
-    """A PLC fine-tuning run; `from_file` reads one from JSON and applies command-line overrides."""
+class PLCTrainConfig(TrainingSettings):
+    """A PLC fine-tuning run: the shared settings, plus the PLC form and what trains in the VLM."""
 
-    data: str = ""
     model: str = DEFAULT_MODEL
     out: str = "runs/plc"
-    eval_data: str | None = None
-    eval_share: float = 0.05
-    """Held-out share of `data` when no `eval_data` is given."""
     form: Literal["pool", "learned"] = "learned"
     pool_ratio: int = 4
     region_ratio: int = 2
@@ -57,30 +53,11 @@ class PLCTrainConfig:
     n_anchor: int = 4
     compressor_from: str | None = None
     """A saved learned compressor to start from (default: a new one, which starts as mean pooling per part)."""
+    compressor_lr: float = 1e-3
     llm: Literal["lora", "frozen"] = "lora"
     train_projector: bool = False
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    epochs: float = 1.0
-    max_steps: int = -1
-    """Optimizer steps; -1 runs `epochs` over the data."""
-    lr: float = 1e-4
-    compressor_lr: float = 1e-3
-    batch_size: int = 4
-    grad_accum: int = 4
-    warmup_steps: int = 20
-    bf16: bool = False
-    seed: int = 0
-    log_every: int = 10
-    save_every: int = 200
-    eval_limit: int = 200
     max_new_tokens: int = 16
-
-    @classmethod
-    def from_file(cls, path: str | Path | None, **overrides: Any) -> PLCTrainConfig:
-        return config_from_file(cls, path, **overrides)
+    """Answer length when measuring held-out accuracy."""
 
     def check(self) -> None:
         """Refuse settings that cannot train anything or name unknown choices."""
@@ -267,17 +244,7 @@ def _trainable(model: Any, config: PLCTrainConfig) -> Any:
     """Freeze the VLM, then open what the run trains: LoRA adapters (returns the PEFT wrapper, whose adapters sit
     inside `model`) and the projector. Returns None without LoRA."""
     model.requires_grad_(False)
-    peft_model = None
-    if config.llm == "lora":
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError as exc:
-            raise ConfigError("LoRA needs PEFT: pip install peft (or train with llm='frozen')") from exc
-        targets = rf".*language_model.*\.({'|'.join(config.lora_targets)})$"
-        lora = LoraConfig(
-            r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=targets
-        )
-        peft_model = get_peft_model(model, lora)
+    peft_model = with_lora(model, config, "llm='frozen'") if config.llm == "lora" else None
     if config.train_projector:
         model.model.multi_modal_projector.requires_grad_(True)
     return peft_model
