@@ -113,9 +113,18 @@ def test_plc_learned_with_lora_lowers_the_loss_reloads_and_resumes(tiny_dir, dat
     assert torch.any(compressor.region_queries != 0)  # it trained
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [record["step"] for record in log] == [1, 2, 3, 4, 5, 6]
-    resumed = train_plc(plc_config(tiny_dir, data, out, max_steps=8))
-    assert len(resumed["losses"]) == 2  # steps 7 and 8 only, from checkpoint-last at step 6
-    assert "before" not in resumed
+
+
+def test_plc_run_resumes_mid_epoch(tiny_dir, data, tmp_path):
+    """Two batches an epoch: stopped after step 5 (one batch into the third epoch), the rerun skips that batch
+    and makes steps 6 to 8 only."""
+    out = tmp_path / "run"
+    first = train_plc(plc_config(tiny_dir, data, out, max_steps=5, batch_size=2))
+    resumed = train_plc(plc_config(tiny_dir, data, out, max_steps=8, batch_size=2))
+    assert len(resumed["losses"]) == 3
+    assert "before" in first and "before" not in resumed  # measured once, before any training
+    log = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4, 5, 6, 7, 8]
 
 
 def test_plc_pool_form_trains_the_projector(tiny_dir, data, tmp_path):

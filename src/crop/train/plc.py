@@ -189,13 +189,17 @@ def train_plc(config: PLCTrainConfig) -> dict[str, Any]:
 
 
 def _loop(accelerator, module, optimizer, loader, scheduler, step: int, total: int, config, out: Path) -> list[float]:
-    """Optimizer steps `step..total-1` (each `grad_accum` batches), logging the loss and saving checkpoints."""
+    """Optimizer steps `step..total-1` (each `grad_accum` batches), logging the loss and saving checkpoints. A
+    resumed run skips the batches its epoch had already used (later epochs reshuffle from the seed)."""
     losses: list[float] = []
+    per_epoch = math.ceil(len(loader) / config.grad_accum)
+    seen = (step % per_epoch) * config.grad_accum
+    batches = accelerator.skip_first_batches(loader, seen) if seen else loader
     bar = tqdm(total=total, initial=step, desc="train plc", disable=not accelerator.is_main_process)
     log = out / "log.jsonl"
     window: list[float] = []
     while step < total:
-        for batch in loader:
+        for batch in batches:
             with accelerator.accumulate(module):
                 loss = module(batch)
                 accelerator.backward(loss)
@@ -221,6 +225,7 @@ def _loop(accelerator, module, optimizer, loader, scheduler, step: int, total: i
                 _save_checkpoint(accelerator, out, step)
             if step >= total:
                 break
+        batches = loader
     bar.close()
     return losses
 
