@@ -71,6 +71,19 @@ def test_ask_with_plc(checkpoint, image_path, capsys):
     assert "44 into the LLM, 36 kept" in capsys.readouterr().out
 
 
+def test_ask_with_a_learned_plc(image_path, capsys):
+    """The shipped learned compressor, capped at 28 tokens (no ILP), and refused with ILP plus a budget."""
+    from crop.synth.assets import SHIPPED_PLC_MODEL
+
+    options = ["--region", "2", "2", "3", "3", "--learned-plc", str(SHIPPED_PLC_MODEL), "--max-new-tokens", "1"]
+    assert main(ask(SHIPPED_PLC_MODEL, image_path, *options, "--no-ilp", "--budget", "28")) == 0
+    assert "256 in the image, 28 into the LLM" in capsys.readouterr().out
+    assert main(ask(SHIPPED_PLC_MODEL, image_path, *options, "--budget", "28")) == 2
+    assert "budget applies to ILP alone" in capsys.readouterr().err
+    assert main(ask(SHIPPED_PLC_MODEL, image_path, *options, "--method", "fastv", "--budget", "28")) == 2
+    assert "apply to method crop only" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -64,6 +64,21 @@ def test_every_benchmark_runs_end_to_end(tmp_path, loaded, checkpoint, bench, fo
     assert (tmp_path / "run" / "summary.md").read_text().count(f"| {bench} | fastv | 8 |") == 1
 
 
+def test_learned_plc_runs_and_is_named(tmp_path, loaded, checkpoint):
+    from crop.strategies.learned_plc import LearnedPLC, LearnedPLCConfig
+
+    model, _ = loaded
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    compressor = tmp_path / "compressor"
+    LearnedPLC(LearnedPLCConfig(model.config.text_config.hidden_size, side, side)).save_pretrained(compressor)
+    write_benchmark("textvqa", tmp_path / "data", "official", count=2)
+    config = RunConfig(model=str(checkpoint), bench="textvqa", data=str(tmp_path / "data"), method="crop", layer=-1,
+                       budget=10, learned_plc=str(compressor), **FAST)  # fmt: skip
+    summary = run(config, tmp_path / "run", *loaded)
+    assert config.label == "crop+learned-plc@10" and summary["complete"]
+    assert all(r["visual_tokens"] == 10 for r in read_jsonl(tmp_path / "run" / "predictions.jsonl"))
+
+
 def test_region_methods_record_the_localized_region(tmp_path, loaded, checkpoint):
     write_benchmark("pope", tmp_path / "data", "official", count=2)
     config = RunConfig(model=str(checkpoint), bench="pope", data=str(tmp_path / "data"), method="crop", **FAST)

@@ -169,6 +169,9 @@ def _add_pruning_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-ilp", action="store_true", help="disable ILP")
     parser.add_argument("--plc-ratio", type=int, default=0, help="PLC pooling ratio outside the region; 0 disables")
+    parser.add_argument(
+        "--learned-plc", help="folder of a learned PLC compressor (learned_plc.json + weights) for method crop"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
 
@@ -181,7 +184,9 @@ def _crop_model(model, processor, args: argparse.Namespace | None, localizer=Non
     if args is None:
         return crop.apply(model, processor, ilp=None, plc=None)
     layer = -1 if args.no_ilp else args.ilp_layer
-    method = build_method(args.method, budget=args.budget, layer=layer, plc_ratio=args.plc_ratio or None)
+    method = build_method(
+        args.method, budget=args.budget, layer=layer, plc_ratio=args.plc_ratio or None, learned_plc=args.learned_plc
+    )
     return crop.apply(model, processor, localizer=localizer if method.needs_region else None, method=method)
 
 
@@ -219,8 +224,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     config = RunConfig(
         model=args.model, bench=args.bench, data=str(args.data), split=args.split, method=args.method,
         budget=args.budget, layer=-1 if args.no_ilp else args.ilp_layer, plc_ratio=args.plc_ratio or None,
-        localizer=args.localizer, max_new_tokens=args.max_new_tokens, attn=args.attn, dtype=args.dtype,
-        batch_size=args.batch_size, limit=args.limit,
+        learned_plc=args.learned_plc, localizer=args.localizer, max_new_tokens=args.max_new_tokens, attn=args.attn,
+        dtype=args.dtype, batch_size=args.batch_size, limit=args.limit,
     )  # fmt: skip
     out = args.out or Path("results") / "eval" / f"{args.bench}-{config.label.replace('@', '-')}"
     summary = run(config, out)

@@ -41,6 +41,8 @@ class RunConfig:
     budget: int | None = None
     layer: int = 2
     plc_ratio: int | None = None
+    learned_plc: str | None = None
+    """Folder of a learned PLC compressor for method crop (e.g. `crop train plc`'s final/)."""
     localizer: str = "attention"
     """"attention" (the model's own early-layer attention), a grid-box localizer VLM's path, or "none"."""
     max_new_tokens: int = 16
@@ -56,7 +58,8 @@ class RunConfig:
     @property
     def label(self) -> str:
         budget = "region" if self.budget is None else str(self.budget)
-        return self.method if self.method == FULL else f"{self.method}@{budget}"
+        plc = f"+plc{self.plc_ratio}" if self.plc_ratio else ("+learned-plc" if self.learned_plc else "")
+        return self.method if self.method == FULL else f"{self.method}{plc}@{budget}"
 
 
 def run(config: RunConfig, out: str | Path, model: Any = None, processor: Any = None) -> dict[str, Any] | None:
@@ -141,7 +144,10 @@ def _pruned_model(config: RunConfig, model: Any, processor: Any) -> Any:
 
     if config.method == FULL:
         return crop.apply(model, processor, ilp=None, plc=None)
-    method = build_method(config.method, budget=config.budget, layer=config.layer, plc_ratio=config.plc_ratio)
+    method = build_method(
+        config.method, budget=config.budget, layer=config.layer, plc_ratio=config.plc_ratio,
+        learned_plc=config.learned_plc,
+    )  # fmt: skip
     localizer = None
     if method.needs_region:
         if config.localizer == "none":
