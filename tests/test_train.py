@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from crop.cli import main
-from crop.errors import ConfigError
+from crop.errors import ConfigError, UnsupportedModelError
 from crop.localize import GridVLMLocalizer
 from crop.localize.grid_vlm import parse_grid_box
 from crop.region import Region
@@ -142,6 +142,11 @@ def test_bad_training_settings_are_clear_errors(tiny_dir, data, tmp_path, capsys
     (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "x.png", "question": "q", "grid": [0, 0, 1, 1]}) + "\n")
     with pytest.raises(ConfigError, match="lacks answer"):
         train_plc(plc_config(tiny_dir, tmp_path / "bad.jsonl", tmp_path))
+    from crop.tiny_qwen import build_qwen_model
+    from crop.train.plc import build_compressor
+
+    with pytest.raises(UnsupportedModelError, match="one fixed visual token grid"):
+        build_compressor(plc_config(tiny_dir, data, tmp_path), build_qwen_model())
     (tmp_path / "settings.json").write_text(json.dumps({"learning_rate": 1}))
     assert main(["train", "plc", "--config", str(tmp_path / "settings.json")]) == 2
     assert "unknown training settings" in capsys.readouterr().err

@@ -25,9 +25,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from crop.errors import ConfigError
+from crop.errors import ConfigError, UnsupportedModelError
 from crop.evaluation.metrics import normalize_vqa_answer
 from crop.image import load_image
+from crop.models import adapter_for
 from crop.pipeline import CropModel
 from crop.prompting import build_prompt
 from crop.region import Region
@@ -113,15 +114,22 @@ class RegionCollator:
 
 
 def build_compressor(config: PLCTrainConfig, model: Any) -> PLC | LearnedPLC:
-    """The PLC the run trains through: pooling, or a learned compressor (new, or loaded from `compressor_from`)."""
+    """The PLC the run trains through: pooling, or a learned compressor (new, or loaded from `compressor_from`).
+    Training needs one fixed token grid per image (the LLaVA-1.5 family); other families are refused."""
+    layout = adapter_for(model).visual_layout()
+    if layout is None or layout.is_multi_grid:
+        raise UnsupportedModelError(
+            f"crop train plc needs one fixed visual token grid per image (LLaVA-1.5 family); {type(model).__name__} "
+            "has grids that depend on the image"
+        )
     if config.form == "pool":
         return PLC(ratio=config.pool_ratio)
-    side = _grid_side(model)
     hidden = model.config.text_config.hidden_size
     if config.compressor_from:
-        return LearnedPLC.from_pretrained(config.compressor_from, hidden_size=hidden, rows=side, cols=side)
+        grid = {"rows": layout.rows, "cols": layout.cols}
+        return LearnedPLC.from_pretrained(config.compressor_from, hidden_size=hidden, **grid)
     settings = LearnedPLCConfig(
-        hidden_size=hidden, rows=side, cols=side, region_ratio=config.region_ratio,
+        hidden_size=hidden, rows=layout.rows, cols=layout.cols, region_ratio=config.region_ratio,
         outside_ratio=config.outside_ratio, n_anchor=config.n_anchor,
     )  # fmt: skip
     return LearnedPLC(settings)
@@ -253,11 +261,6 @@ def _trainable(model: Any, config: PLCTrainConfig) -> Any:
     if config.train_projector:
         model.model.multi_modal_projector.requires_grad_(True)
     return peft_model
-
-
-def _grid_side(model: Any) -> int:
-    vision = model.config.vision_config
-    return vision.image_size // vision.patch_size
 
 
 @torch.no_grad()
