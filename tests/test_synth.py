@@ -9,7 +9,7 @@ import torch
 
 from crop.strategies.learned_plc import LearnedPLC
 from crop.synth.model import build_synth_processor
-from crop.synth.scene import IMAGE_SIZE, PATCH, make_sample, patch_labels
+from crop.synth.scene import COLOURS, IMAGE_SIZE, PATCH, make_sample, patch_labels
 from crop.synth.train import TrainConfig, Trainer, pixel_values
 
 
@@ -95,3 +95,20 @@ def test_joint_plc_training_lowers_the_loss_and_saves_the_compressor(tmp_path):
         torch.testing.assert_close(
             reloaded.compress(features, inside).features, trainer.compressor.compress(features, inside).features
         )
+
+
+def test_grounded_vocabulary_takes_the_heads_rows(tmp_path):
+    trainer = Trainer(tmp_path, TrainConfig(vision_steps=1, steps=1, images_per_step=2, ground_vocabulary=True,
+                                            eval_every=100, eval_samples=2))  # fmt: skip
+    inputs = trainer.model.get_input_embeddings().weight
+    scale = inputs.norm(dim=-1).mean().item()
+    untouched = inputs[trainer.tokenizer.convert_tokens_to_ids("what")].clone()
+    trainer.ground_vocabulary()
+    red = trainer.tokenizer.convert_tokens_to_ids("red")
+    row = trainer.heads.heads["colour"].weight[1 + list(COLOURS).index("red")]
+    torch.testing.assert_close(inputs[red], row / row.norm() * scale)
+    seven = trainer.tokenizer.convert_tokens_to_ids("7")
+    digit_row = trainer.heads.heads["digit"].weight[8]
+    output = trainer.model.get_output_embeddings().weight
+    assert torch.nn.functional.cosine_similarity(output[seven], digit_row, dim=0) > 0.999
+    assert torch.equal(inputs[trainer.tokenizer.convert_tokens_to_ids("what")], untouched)

@@ -137,6 +137,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--plc-outside-ratio", type=int, default=8, help="outside tokens per learned query")
     train.add_argument("--plc-anchors", type=int, default=4, help="region tokens kept unchanged")
     train.add_argument("--init-from", help="start from this saved model (e.g. the shipped one) instead of scratch")
+    train.add_argument(
+        "--ground-vocabulary", action="store_true",
+        help="start stage 2 with colour/shape/digit word embeddings from the per-patch heads (a probe)",
+    )  # fmt: skip
     train.add_argument("--threads", type=int, default=2)
     train.set_defaults(run=_run_synth_train)
     evaluate = synth.add_parser("eval", help="accuracy versus visual-token budget on the synthetic test split")
@@ -344,6 +348,7 @@ def _run_synth_train(args: argparse.Namespace) -> int:
         plc_outside_ratio=args.plc_outside_ratio,
         plc_anchors=args.plc_anchors,
         init_from=args.init_from,
+        ground_vocabulary=args.ground_vocabulary,
         threads=args.threads,
     )
     trainer = Trainer(args.out, config)
