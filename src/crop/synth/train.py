@@ -90,7 +90,8 @@ class TrainConfig:
     ground_vocabulary: bool = False
     """At the start of stage 2, set the input and output embeddings of the colour, shape and digit words from the
     per-patch heads' rows for them (scaled to the embeddings' mean norm): the words start where the visual tokens
-    that show them point, instead of at random (a probe for faster binding; off by default)."""
+    that show them point, instead of at random. Off by default, so that the default reproduces the shipped model; in
+    the one run tried it reached 90.7% validation accuracy where the shipped run reached 61.7% (README)."""
     checkpoint_every: int = 200
     eval_every: int = 500
     eval_samples: int = 300
