@@ -134,8 +134,8 @@ def test_last_row_relevance_equals_explicit_attention(sdpa_model, processor):
     torch.testing.assert_close(relevance.reshape(-1), expected, atol=1e-6, rtol=1e-5)
 
 
-def test_two_pass_on_dynamic_grids_and_a_clear_refusal_for_several_grids():
-    from crop.errors import UnsupportedModelError
+def test_two_pass_on_dynamic_grids_and_on_the_high_res_grid_of_several():
+    from crop.models.llava_next import HIGH, token_layout
     from crop.tiny_next import build_next_model, build_next_processor
     from crop.tiny_qwen import build_qwen_model, build_qwen_processor
 
@@ -143,5 +143,17 @@ def test_two_pass_on_dynamic_grids_and_a_clear_refusal_for_several_grids():
     relevance, _ = qwen.relevance(make_image(224, 112), QUESTIONS[0])
     assert relevance.shape == (4, 8)
     assert isinstance(qwen.localize(make_image(224, 112), QUESTIONS[0]), Region)
-    with pytest.raises(UnsupportedModelError, match="several"):
-        AttentionLocalizer(build_next_model(), build_next_processor()).localize(make_image(120, 60), QUESTIONS[0])
+
+    next_processor, image = build_next_processor(), make_image(120, 60)
+    next_model = build_next_model(attn_implementation="eager")
+    relevance, viewport = AttentionLocalizer(next_model, next_processor, layer=1, rows="last").relevance(
+        image, QUESTIONS[0]
+    )
+    layout = token_layout(next_model.config, next_processor, image.size)
+    assert relevance.shape == layout.high_grid and viewport == layout.high_viewport
+    inputs = next_processor(images=image, text=build_prompt(next_processor, QUESTIONS[0]), return_tensors="pt")
+    with torch.no_grad():
+        attentions = next_model(**inputs, output_attentions=True).attentions
+    placeholders = (inputs["input_ids"][0] == next_model.config.image_token_id).nonzero().squeeze(1)
+    expected = attentions[1][0][:, -1, placeholders[layout.grid_positions(HIGH)]].mean(0)
+    torch.testing.assert_close(relevance.reshape(-1), expected, atol=1e-6, rtol=1e-5)

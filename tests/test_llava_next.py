@@ -8,7 +8,6 @@ from conftest import QUESTIONS, make_image
 from reference import full_region_logits_match, reference_logits
 
 import crop
-from crop.errors import UnsupportedModelError
 from crop.models.llava_next import BASE, HIGH, NEWLINE, token_layout
 from crop.region import Region
 from crop.tiny_next import build_next_model, build_next_processor, next_inputs
@@ -141,18 +140,3 @@ def test_in_llm_baselines_run_on_both_grids(model, processor, method):
         pruned.remove()
     assert [row.kept_tokens for row in stats.rows] == [20, 20, 20]
 
-
-def test_grid_methods_are_refused_with_a_reason(model, processor):
-    from crop.strategies.crop_method import CROP
-    from crop.strategies.ilp import ILP
-
-    inputs = batch(processor, 1)
-    for method in ("crop-fused", CROP(ILP(2), budget=10)):
-        pruned = crop.apply(model, processor, method=method)
-        try:
-            with pytest.raises(UnsupportedModelError, match="several grids"):
-                pruned(**inputs, regions=[Region.full()])
-        finally:
-            pruned.remove()
-    with pytest.raises(UnsupportedModelError, match="before the LLM"):
-        crop.apply(model, processor, method="pool", budget=8)

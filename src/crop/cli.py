@@ -138,8 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--plc-anchors", type=int, default=4, help="region tokens kept unchanged")
     train.add_argument("--init-from", help="start from this saved model (e.g. the shipped one) instead of scratch")
     train.add_argument(
-        "--ground-vocabulary", action="store_true",
-        help="start stage 2 with colour/shape/digit word embeddings from the per-patch heads (a probe)",
+        "--ground-vocabulary", action=argparse.BooleanOptionalAction, default=True,
+        help="start stage 2 with colour/shape/digit word embeddings from the per-patch heads",
     )  # fmt: skip
     train.add_argument("--threads", type=int, default=2)
     train.set_defaults(run=_run_synth_train)

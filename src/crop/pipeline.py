@@ -21,6 +21,7 @@ from crop.region import Region, Viewport
 from crop.stats import DROPPED, FINE, PruneStats, RowStats
 from crop.strategies.base import Method, Selection
 from crop.strategies.crop_method import CROP
+from crop.strategies.grids import select_for_layout
 from crop.strategies.ilp import ILP, ILPHooks, KeepPlan, Layout, PlanBuilder
 from crop.strategies.plc import PLC, splice_visual_tokens
 
@@ -59,12 +60,6 @@ class CropModel:
         layers = self.adapter.decoder_layers()
         layout = self.adapter.visual_layout()
         self.method.validate(len(layers), None if layout is None else layout.rows * layout.cols)
-        if self.method.acts_before_llm and not self.adapter.supports_pre_llm:
-            raise UnsupportedModelError(
-                f"{self.method.describe()} changes the visual tokens before the LLM, which is not supported for "
-                f"{self.adapter.family} yet; use a method acting inside the LLM (crop with ILP K >= 1, fastv, "
-                "pyramiddrop, sparsevlm, crop-fused)"
-            )
         self._hooks = None
         if self.method.stage_layers:
             self._hooks = ILPHooks(layers, self.method.stage_layers, observe=self.method.dynamic)
@@ -156,7 +151,6 @@ class CropModel:
     def _run(self, call: Callable[..., Any], inputs: dict[str, Any], generating: bool) -> tuple[Any, PruneStats, int]:
         inputs, regions, viewports, visual = self._checked(inputs)
         localize_seconds = inputs.pop("localize_seconds", None)
-        shapes = [(v.rows, v.cols) for v in visual]
         leading = [v.leading for v in visual]
         inputs, selections = self._before_llm(inputs, regions, viewports, visual)
         model_input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
@@ -170,7 +164,7 @@ class CropModel:
         else:
             if self.method.dynamic:
                 plans = [
-                    self._plan_builder(stage, model_input_ids, attention_mask, cell_of, shapes, viewports, found)
+                    self._plan_builder(stage, model_input_ids, attention_mask, cell_of, visual, viewports, found)
                     for stage in range(len(self.method.stage_layers))
                 ]
             else:
@@ -191,7 +185,7 @@ class CropModel:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         cell_of: torch.Tensor,
-        shapes: list[tuple[int, int]],
+        visual: list[VisualLayout],
         viewports: list[Viewport],
         found: dict[int, Region],
     ) -> PlanBuilder:
@@ -219,13 +213,14 @@ class CropModel:
             merges = []
             for row in range(0, attention.shape[0], repeat):
                 grid = (cells[row] >= 0).nonzero().squeeze(1)
-                shape = shapes[row // repeat]
+                layout = visual[row // repeat]
                 if self.method.locates:
                     region, chosen = self.method.locate(
-                        attention[row][:, grid], cells[row, grid], shape, viewports[row // repeat]
+                        attention[row][:, grid], cells[row, grid], layout, viewports[row // repeat]
                     )
                     found[row // repeat] = region
                 else:
+                    shape = (layout.rows, layout.cols)
                     chosen = self.method.rank(stage, attention[row][:, grid], cells[row, grid], shape)
                 chosen = chosen.to(grid.device)
                 groups = self.method.recycle(stage, attention[row][:, grid], chosen, stage_hidden[row, grid])
@@ -340,11 +335,6 @@ class CropModel:
         num_layers = len(self.adapter.decoder_layers())
         for grid_tokens in sorted({v.rows * v.cols for v in visual}):
             self.method.validate(num_layers, grid_tokens)
-        if any(v.is_multi_grid for v in visual) and self.method.needs_grid:
-            raise UnsupportedModelError(
-                f"{self.method.describe()} needs the image tokens as one 2-D grid; {self.adapter.family} has "
-                "several grids per image (use region-sized crop, fastv, pyramiddrop, sparsevlm or random)"
-            )
         return inputs, regions, viewports, visual
 
     def _before_llm(
@@ -363,8 +353,9 @@ class CropModel:
                 raise ConfigError(f"{self.method.describe()} acts before the LLM and needs pixel_values")
             leading_features, encoded = self.method.encode(self.adapter, inputs, leading)
             del inputs["pixel_values"]
-        shapes = [(v.rows, v.cols) for v in visual]
-        selections = [self.method.select(encoded[b], shapes[b], mask, b) for b, mask in enumerate(cell_masks)]
+        selections = [
+            select_for_layout(self.method, encoded[b], visual[b], mask, b) for b, mask in enumerate(cell_masks)
+        ]
         if self.method.acts_before_llm:
             inputs = self._splice(inputs, leading_features, selections, leading)
         return inputs, selections

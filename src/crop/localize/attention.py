@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from crop.errors import ConfigError, LocalizerError, UnsupportedModelError
+from crop.errors import ConfigError, LocalizerError
 from crop.image import load_image
 from crop.models import adapter_for, grid_cell_index
 from crop.prompting import build_prompt
@@ -146,15 +146,19 @@ class AttentionLocalizer:
         self.fallback_count = 0
 
     def relevance(self, image: Image.Image | str, question: str) -> tuple[torch.Tensor, Viewport]:
-        """Per-token relevance `(rows, cols)` of the image's grid to the question, and the image's viewport."""
+        """Per-token relevance `(rows, cols)` of the image's grid to the question, and where the image lands on
+        that grid (with several grids per image, the last, highest-resolution one)."""
         image = load_image(image)
         prompt = build_prompt(self.processor, question, self.prompt_template)
         inputs = self.processor(images=image, text=prompt, return_tensors="pt")
-        return self.relevance_of(inputs), self.adapter.viewport(self.processor, image.size)
+        return self.relevance_of(inputs, self.adapter.viewport(self.processor, image.size))
 
     @torch.inference_mode()
-    def relevance_of(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """Relevance `(rows, cols)` for one prompt already through the processor (`input_ids`, `pixel_values`...)."""
+    def relevance_of(
+        self, inputs: dict[str, Any], viewport: Viewport | None = None
+    ) -> tuple[torch.Tensor, Viewport | None]:
+        """`relevance` for one prompt already through the processor (`input_ids`, `pixel_values`...), given the
+        image's `viewport` on a single grid."""
         layer = self.adapter.decoder_layers()[self.layer]
         captured: dict[str, Any] = {}
 
@@ -170,10 +174,6 @@ class AttentionLocalizer:
         finally:
             handle.remove()
         layout = self.adapter.visual_layouts(inputs)[0]
-        if layout.is_multi_grid:
-            raise UnsupportedModelError(
-                f"AttentionLocalizer needs one 2-D token grid per image; {self.adapter.family} has several"
-            )
         cell_of = grid_cell_index(
             inputs["input_ids"], inputs["attention_mask"], self.adapter.image_token_id, [layout.leading]
         )
@@ -183,15 +183,15 @@ class AttentionLocalizer:
         attention = self.adapter.query_attention(layer, captured["hidden"], captured["kwargs"], weights.shape[1])
         pooled = pool_rows(attention, weights)[0]
         grid = (cell_of[0] >= 0).nonzero().squeeze(1)
-        return pooled[:, grid].float().mean(0).view(layout.rows, layout.cols)
+        relevance = pooled[:, grid].float().mean(0).view(layout.rows, layout.cols)
+        return layout.drawn_grid(relevance, viewport)
 
     def localize(self, image: Image.Image | str, question: str) -> Region:
-        relevance, viewport = self.relevance(image, question)
-        return self._region(relevance, viewport)
+        return self._region(*self.relevance(image, question))
 
     def localize_inputs(self, inputs: dict[str, Any], viewport: Viewport | None = None) -> Region:
         """The region for one prompt already through the processor (for benchmarks and batch pipelines)."""
-        return self._region(self.relevance_of(inputs), viewport)
+        return self._region(*self.relevance_of(inputs, viewport))
 
     def _region(self, relevance: torch.Tensor, viewport: Viewport | None) -> Region:
         region = region_from_relevance(relevance, viewport, self.penalty)

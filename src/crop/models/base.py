@@ -75,8 +75,6 @@ class ModelAdapter(ABC):
     """One VLM family: where its visual tokens sit, their grid, its decoder layers, how to feed features."""
 
     family: str = ""
-    supports_pre_llm: bool = True
-    """Whether methods that replace the grid before the LLM (PLC, pooling, VisionZip, K=0) work with this family."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

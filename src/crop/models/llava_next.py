@@ -5,7 +5,7 @@ square input; no newlines), then the high-resolution grid (the tiles of the best
 stitched and unpadded by the model) in raster order, with one `image_newline` embedding after each of its rows.
 `input_ids` cannot tell the newlines from patch tokens: only this layout can. The adapter hands the core both grids
 with their viewports; a region keeps the base-grid and high-res tokens whose cell centres it holds, and a newline
-stays when its row keeps a token. Methods acting before the LLM are not supported for this family yet.
+stays when its row keeps a token. Methods that need one 2-D grid run on each grid (`crop.strategies.grids`).
 """
 
 from __future__ import annotations
@@ -146,7 +146,6 @@ class LlavaNextAdapter(ModelAdapter):
     """Visual tokens per image: a base grid then the unpadded high-res grid with a newline after each row."""
 
     family = "llava-next"
-    supports_pre_llm = False
 
     def visual_layout(self) -> VisualLayout | None:
         return None
@@ -177,3 +176,15 @@ class LlavaNextAdapter(ModelAdapter):
         if processor is not None:
             check_processor(self.model.config, processor)
         return Viewport()
+
+    def image_features(self, inputs: dict[str, Any]) -> list[torch.Tensor]:
+        """Each image's placeholder features as the model packs them: base grid, high-res grid and newlines."""
+        config = self.model.config
+        output = self.model.model.get_image_features(
+            pixel_values=inputs["pixel_values"].to(self.model.dtype),
+            image_sizes=inputs["image_sizes"],
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            return_dict=True,
+        )
+        return list(output.pooler_output)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -60,9 +61,10 @@ class Method(ABC):
         raise NotImplementedError(f"{self.name} is not a dynamic method")
 
     def locate(
-        self, attention: torch.Tensor, cells: torch.Tensor, shape: tuple[int, int], viewport: Any
+        self, attention: torch.Tensor, cells: torch.Tensor, layout: Any, viewport: Any
     ) -> tuple[Any, torch.Tensor]:
-        """Methods with `locates`: `(region, which of the ranked tokens stay)` from the rows' attention."""
+        """Methods with `locates`: `(region, which of the ranked tokens stay)` from the rows' attention to the
+        tokens at `cells` of the image's `VisualLayout`."""
         raise NotImplementedError(f"{self.name} does not locate a region")
 
     def recycle(
@@ -104,6 +106,14 @@ class Method(ABC):
     ) -> Selection:
         """Decide for row `row` given its `(rows*cols, dim)` grid features, the grid `shape` and the region's
         `(rows, cols)` cells (None for methods that do not use a region)."""
+
+    def with_budget(self, budget: int) -> Method:
+        """This method with another budget (each grid's share, for images with several grids)."""
+        if getattr(self, "budget", None) is None:
+            raise ConfigError(f"{self.name} has no budget to share")
+        clone = copy.copy(self)
+        clone.budget = budget
+        return clone
 
     def describe(self) -> str:
         return self.name

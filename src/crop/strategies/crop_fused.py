@@ -11,10 +11,13 @@ from __future__ import annotations
 import torch
 
 from crop.localize.attention import DEFAULT_PENALTY, DEFAULT_ROWS, check_settings, region_from_relevance
+from crop.models.base import VisualLayout
 from crop.region import Region, Viewport
 from crop.stats import FINE
 from crop.strategies.base import Method, Selection, check_budget
-from crop.strategies.crop_method import budget_cells
+from crop.strategies.crop_method import CROP
+from crop.strategies.grids import select_for_layout
+from crop.strategies.ilp import ILP
 
 
 class FusedCROP(Method):
@@ -25,7 +28,6 @@ class FusedCROP(Method):
     dynamic = True
     queries = "question"
     locates = True
-    needs_grid = True
 
     def __init__(
         self, layer: int = 2, penalty: float = DEFAULT_PENALTY, budget: int | None = None, rows: str = DEFAULT_ROWS
@@ -51,17 +53,19 @@ class FusedCROP(Method):
         return Selection(None, torch.ones(count, dtype=torch.bool), torch.full(shape, FINE, dtype=torch.long))
 
     def locate(
-        self, attention: torch.Tensor, cells: torch.Tensor, shape: tuple[int, int], viewport: Viewport
+        self, attention: torch.Tensor, cells: torch.Tensor, layout: VisualLayout, viewport: Viewport
     ) -> tuple[Region, torch.Tensor]:
-        """The region from the question rows' `(heads, tokens)` attention to the grid tokens at raster `cells`,
-        and which of those tokens stay."""
-        relevance = torch.zeros(shape[0] * shape[1])
+        """The region from the question rows' `(heads, tokens)` attention to the tokens at `cells` of `layout`
+        (with several grids, the last, highest-resolution one's), and which of those tokens stay."""
+        relevance = torch.zeros(layout.rows * layout.cols)
         relevance[cells.cpu()] = attention.float().mean(0).cpu()
-        region = region_from_relevance(relevance.view(shape), viewport, self.penalty)
-        inside = region.token_mask(*shape, viewport)
-        kept = budget_cells(inside, self.budget) if self.budget is not None else inside.reshape(-1).nonzero()[:, 0]
-        keep = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
-        keep[kept] = True
+        grid_relevance, grid_viewport = layout.drawn_grid(relevance.view(layout.rows, layout.cols), viewport)
+        region = region_from_relevance(grid_relevance, grid_viewport, self.penalty)
+        inside = layout.region_mask(region, viewport)
+        if self.budget is None:
+            keep = inside.reshape(-1)
+        else:
+            keep = select_for_layout(CROP(ILP(self.layer), budget=self.budget), None, layout, inside, 0).keep
         return region, keep[cells.cpu()]
 
     def describe(self) -> str:

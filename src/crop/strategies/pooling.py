@@ -26,6 +26,7 @@ class UniformPooling(Method):
     """
 
     name = "pool"
+    needs_grid = True
 
     def __init__(self, budget: int) -> None:
         self.budget = budget

@@ -1,0 +1,173 @@
+"""Grid methods on images whose tokens form several grids (LLaVA-NeXT: a base grid, then a high-resolution one).
+
+A method that needs one 2-D grid (pooling windows, distances to the region) runs on each grid of the image on its
+own, with the grid's share of the region. A budget is shared between the grids in proportion to their cells, and
+the separators (one after each row of the last grid) count against it: a separator stays when its row keeps or
+yields a token, so the LLM still sees where each kept row ends.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from crop.errors import ConfigError, UnsupportedModelError
+from crop.models.base import VisualLayout
+from crop.stats import DROPPED, FINE
+from crop.strategies.base import Method, Selection
+from crop.strategies.learned_plc import LearnedPLC
+from crop.strategies.plc import Compressed
+
+SEPARATOR = -1
+"""Grid id of a separator in `VisualLayout.cells`."""
+
+
+def select_for_layout(
+    method: Method, features: torch.Tensor | None, layout: VisualLayout, inside: torch.Tensor | None, row: int
+) -> Selection:
+    """`method.select` on one image: directly on a single grid, grid by grid where the method needs one 2-D grid
+    and the image has several."""
+    if not (layout.is_multi_grid and method.needs_grid):
+        return method.select(features, (layout.rows, layout.cols), inside, row)
+    if isinstance(getattr(method, "plc", None), LearnedPLC):
+        raise UnsupportedModelError(
+            "learned PLC is trained for one token grid of a fixed size; this model's images have several grids "
+            "of varying sizes (use pooling PLC or ILP)"
+        )
+    return _PerGrid(method, features, layout, inside, row).select()
+
+
+class _PerGrid:
+    """One image's selection assembled from the method run on each of its grids."""
+
+    def __init__(
+        self, method: Method, features: torch.Tensor | None, layout: VisualLayout, inside: torch.Tensor | None, row: int
+    ) -> None:
+        self.method, self.features, self.layout, self.row = method, features, layout, row
+        self.inside = None if inside is None else inside.reshape(-1)
+        grid, self.cell_row, _ = layout.cells.unbind(-1)
+        self.positions = [(grid == g).nonzero().squeeze(1) for g in range(len(layout.grids))]
+        self.separators = (grid == SEPARATOR).nonzero().squeeze(1)
+
+    def select(self) -> Selection:
+        budget = getattr(self.method, "budget", None)
+        if budget is None:
+            parts = [self._run(g, self.method) for g in range(len(self.layout.grids))]
+        else:
+            parts = self._within_budget(budget)
+        return self._assemble(parts)
+
+    def _run(self, grid: int, method: Method | None) -> Selection | None:
+        """The method on grid `grid` alone (None: the grid keeps nothing)."""
+        if method is None:
+            return None
+        shape = self.layout.grids[grid]
+        positions = self.positions[grid]
+        inside = None if self.inside is None else self.inside[positions].view(shape)
+        features = None if self.features is None else self.features[positions.to(self.features.device)]
+        return method.select(features, shape, inside, self.row)
+
+    def _within_budget(self, budget: int) -> list[Selection | None]:
+        """Per grid, the method with its share of `budget`: the last grid (with the separators) first, fitted so
+        that its tokens and separators stay within its share; the others share the rest by their cells."""
+        counts = [rows * cols for rows, cols in self.layout.grids]
+        last = len(counts) - 1
+        others = sum(counts[:last])
+        target = max(round(budget * counts[last] / sum(counts)), budget - others)
+        last_part, used = self._fit_last(min(target, counts[last] + self.separators.numel()))
+        remaining = budget - used
+        shares = [remaining * count // others if others else 0 for count in counts[:last]]
+        for g in range(remaining - sum(shares)):
+            shares[g % last] += 1
+        parts = [self._run(g, self._with_budget(min(share, counts[g]))) for g, share in enumerate(shares)]
+        return [*parts, last_part]
+
+    def _fit_last(self, target: int) -> tuple[Selection | None, int]:
+        """The last grid's selection with the largest sub-budget whose tokens plus separators fit in `target`."""
+        last = len(self.layout.grids) - 1
+        sub_budget = min(target, self.positions[last].numel())
+        while sub_budget >= 1:
+            part = self._run(last, self._with_budget(sub_budget))
+            used = _output_count(part) + int(self._rows_used(last, part).sum())
+            if used <= target:
+                return part, used
+            sub_budget -= used - target
+        return None, 0
+
+    def _with_budget(self, budget: int) -> Method | None:
+        return self.method.with_budget(budget) if budget >= 1 else None
+
+    def _rows_used(self, grid: int, part: Selection | None) -> torch.Tensor:
+        """Per separator, whether its row of `grid` yields a token (compressed) or keeps one (in-LLM)."""
+        if part is None or grid != len(self.layout.grids) - 1:
+            return torch.zeros(self.separators.numel(), dtype=torch.bool)
+        cols = self.layout.grids[grid][1]
+        if part.compressed is not None:
+            rows = part.compressed.first_cell.cpu() // cols
+        else:
+            rows = part.keep.nonzero().squeeze(1) // cols
+        return torch.isin(self.cell_row[self.separators], rows)
+
+    def _assemble(self, parts: list[Selection | None]) -> Selection:
+        """The image's selection over its placeholders: the grids' parts at their positions, separators with
+        their rows."""
+        count = self.layout.num_tokens - self.layout.leading
+        cells = torch.full((count,), DROPPED, dtype=torch.long)
+        for positions, part in zip(self.positions, parts, strict=True):
+            if part is not None:
+                cells[positions] = part.cells.reshape(-1)
+        last = len(parts) - 1
+        used = self._rows_used(last, parts[last])
+        if self.method.acts_before_llm:
+            return self._assemble_compressed(parts, used, cells)
+        keep = torch.zeros(count, dtype=torch.bool)
+        for positions, part in zip(self.positions, parts, strict=True):
+            if part is not None:
+                keep[positions] = part.keep
+        keep[self.separators] = used
+        cells[self.separators] = torch.where(used, FINE, DROPPED)
+        return Selection(None, keep, cells.view(self.layout.rows, self.layout.cols))
+
+    def _assemble_compressed(self, parts: list[Selection | None], used: torch.Tensor, cells: torch.Tensor) -> Selection:
+        """Compressed tokens of every grid in placeholder order, each separator after its row's tokens; a
+        separator counts as inside (and survives a later ILP) when its row has a token that does."""
+        if self.features is None:
+            raise ConfigError(f"{self.method.describe()} acts before the LLM and needs the image features")
+        features, inside, keep, first = [], [], [], []
+        last = len(parts) - 1
+        cols = self.layout.grids[last][1]
+        for positions, part in zip(self.positions, parts, strict=True):
+            if part is None:
+                continue
+            features.append(part.compressed.features)
+            inside.append(part.compressed.inside.cpu())
+            keep.append(part.keep.cpu())
+            first.append(positions[part.compressed.first_cell.cpu()])
+        separators = self.separators[used]
+        if parts[last] is not None and separators.numel():
+            rows = parts[last].compressed.first_cell.cpu() // cols
+            separator_rows = self.cell_row[separators]
+            separator_keep = _any_in_row(separator_rows, rows, parts[last].keep.cpu())
+            features.append(self.features[separators.to(self.features.device)])
+            inside.append(_any_in_row(separator_rows, rows, parts[last].compressed.inside.cpu()))
+            keep.append(separator_keep)
+            first.append(separators)
+            cells[separators] = torch.where(separator_keep, FINE, DROPPED)
+        if not features:
+            raise ConfigError(f"{self.method.describe()} left no visual token for this image")
+        order = torch.cat(first).argsort()
+        compressed = Compressed(
+            torch.cat(features)[order.to(self.features.device)], torch.cat(inside)[order], torch.cat(first)[order]
+        )
+        return Selection(compressed, torch.cat(keep)[order], cells.view(self.layout.rows, self.layout.cols))
+
+
+def _output_count(part: Selection | None) -> int:
+    if part is None:
+        return 0
+    return part.compressed.features.shape[0] if part.compressed is not None else int(part.keep.sum())
+
+
+def _any_in_row(separator_rows: torch.Tensor, token_rows: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """Per separator row, whether a token of that row has its flag set."""
+    return torch.isin(separator_rows, token_rows[flags.bool()])
+
