@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import QUESTIONS, make_image
-from reference import causal_mask, reference_logits
+from reference import causal_mask, reference_logits, run_layers
 from test_llava_next import batch, kept_placeholders, row_inputs
 
 import crop
-from crop.errors import UnsupportedModelError
+from crop.errors import ConfigError, UnsupportedModelError
 from crop.localize import AttentionLocalizer
 from crop.models.llava_next import BASE, HIGH, token_layout
 from crop.region import Region
@@ -22,6 +23,7 @@ from crop.strategies.learned_plc import LearnedPLC, LearnedPLCConfig
 from crop.strategies.plc import PLC
 from crop.strategies.pooling import UniformPooling
 from crop.strategies.random_select import RandomSelection
+from crop.strategies.visionzip import VisionZip
 from crop.tiny_next import build_next_model, build_next_processor
 
 REGIONS = [Region(0.0, 0.0, 0.5, 1.0), Region(0.2, 0.5, 1.0, 1.0), Region(0.3, 0.1, 0.8, 0.6)]
@@ -273,7 +275,7 @@ def test_plc_generation_with_cache_equals_recomputing(model, processor):
     assert torch.equal(sequences[:, -3:], ids[:, -3:])
 
 
-def test_methods_without_a_multi_grid_form_are_refused(model, processor):
+def test_learned_plc_is_refused_with_a_reason(model, processor):
     inputs = batch(processor, 1)
     hidden = model.config.text_config.hidden_size
     learned = LearnedPLC(LearnedPLCConfig(hidden_size=hidden, rows=4, cols=4))
@@ -283,10 +285,79 @@ def test_methods_without_a_multi_grid_form_are_refused(model, processor):
             pruned(**inputs, regions=[Region.full()])
     finally:
         pruned.remove()
-    pruned = crop.apply(model, processor, method="visionzip", budget=8)
+
+
+
+def visionzip_by_hand(eager, alone: dict, layout, budget: int, contextual: int) -> torch.Tensor:
+    """The authors' LLaVA-NeXT VisionZip written out: each crop keeps an equal share (CLS, dominant patches by the
+    CLS attention of an eager tower, contextual tokens merged by explicit loops over key similarities); then the
+    base crop's tokens, the tiles' dominant patches in stitched raster order, the tiles' CLS, their contextual."""
+    crops = 1 + layout.tiles[0] * layout.tiles[1]
+    side, tile_cols = layout.base_grid[0], layout.tiles[1]
+    tower = eager.model.vision_tower
+    layer = tower.encoder.layers[-1]
+    heads = eager.config.vision_config.num_attention_heads
+    with torch.no_grad():
+        vision = tower(alone["pixel_values"][0, :crops], output_hidden_states=True, output_attentions=True)
+        shares = [budget // crops + (c < budget % crops) for c in range(crops)]
+        kept = []
+        for c, share in enumerate(shares):
+            hidden = vision.hidden_states[-1][c]
+            merged_count = min(share - 1, round(contextual * share / budget))
+            attention = vision.attentions[-1][c, :, 0, 1:].sum(0)
+            dominant = (attention.topk(share - 1 - merged_count).indices.sort().values + 1).tolist()
+            keys = layer.self_attn.k_proj(layer.layer_norm1(vision.hidden_states[-2][c]))
+            keys = keys.view(keys.shape[0], heads, -1).mean(1)
+            rest = [i for i in range(1, hidden.shape[0]) if i not in dominant]
+            context = []
+            if merged_count:
+                step = max(1, len(rest) // merged_count)
+                targets = list(range(0, len(rest), step))[:merged_count]
+                members = {t: [] for t in targets}
+                for j in range(len(rest)):
+                    if j not in members:
+                        sims = [F.cosine_similarity(keys[rest[j]], keys[rest[t]], dim=0) for t in targets]
+                        members[targets[int(torch.stack(sims).argmax())]].append(hidden[rest[j]])
+                context = [hidden[rest[t]] + (torch.stack(m).mean(0) if m else 0) for t, m in members.items()]
+            kept.append((hidden, dominant, context))
+        hidden, dominant, context = kept[0]
+        tokens = [hidden[0], *hidden[dominant], *context]
+        tiles = []
+        for c in range(1, crops):
+            tile_row, tile_col = divmod(c - 1, tile_cols)
+            for d in kept[c][1]:
+                row, col = divmod(d - 1, side)
+                tiles.append(((tile_row * side + row, tile_col * side + col), kept[c][0][d]))
+        tokens += [state for _, state in sorted(tiles, key=lambda pair: pair[0])]
+        tokens += [kept[c][0][0] for c in range(1, crops)]
+        tokens += [state for c in range(1, crops) for state in kept[c][2]]
+        return eager.model.multi_modal_projector(torch.stack(tokens))
+
+
+@pytest.mark.parametrize("budget", [24, 13])
+def test_visionzip_per_crop_equals_the_authors_order(model, processor, budget):
+    inputs = batch(processor, 2)
+    method = VisionZip(budget)
+    pruned = crop.apply(model, processor, method=method)
     try:
-        with pytest.raises(UnsupportedModelError, match="llava-next"):
-            pruned(**inputs)
+        output, stats = pruned(**inputs)
     finally:
         pruned.remove()
-
+    eager = build_next_model(attn_implementation="eager")
+    for row in range(2):
+        alone = row_inputs(inputs, row)
+        height, width = alone["image_sizes"][0].tolist()
+        layout = token_layout(model.config, processor, (width, height))
+        tokens = visionzip_by_hand(eager, alone, layout, budget, method.contextual)
+        ids = alone["input_ids"][0]
+        placeholders = (ids == model.config.image_token_id).nonzero().squeeze(1)
+        start, end = int(placeholders[0]), int(placeholders[-1]) + 1
+        with torch.no_grad():
+            embeds = model.get_input_embeddings()(ids)
+        new = torch.cat([embeds[:start], tokens, embeds[end:]])[None]
+        with torch.no_grad():
+            expected = run_layers(model, new, torch.arange(new.shape[1]), None, 0)[0]
+        torch.testing.assert_close(output.logits[row, -expected.shape[0] :], expected, atol=1e-4, rtol=0)
+        assert stats.rows[row].llm_input_tokens == budget
+    with pytest.raises(ConfigError, match="one crop per image"):
+        crop.apply(model, processor, method=VisionZip(budget, position="original"))(**inputs)

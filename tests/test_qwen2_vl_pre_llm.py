@@ -155,7 +155,7 @@ def test_pooling_baseline_and_refusals(model, processor):
     finally:
         pruned.remove()
     assert all(row.llm_input_tokens <= 8 for row in stats.rows)
-    with pytest.raises(UnsupportedModelError, match="vision tower"):
+    with pytest.raises(UnsupportedModelError, match="no CLS token"):
         pruned = crop.apply(model, processor, method="visionzip", budget=8)
         try:
             pruned(**inputs)

@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="index of the test-split question to ask")
     demo.add_argument("--overlay", type=Path, default=Path("results") / "demo_overlay.png")
     _add_pruning_args(demo)
-    demo.set_defaults(run=_run_demo, max_new_tokens=1)  # the one-word answer, the word `crop synth eval` scores
+    demo.set_defaults(run=_run_demo)
 
     web = commands.add_parser("serve-demo", help="a local web page: full and pruned answers side by side")
     web.add_argument("--model", default=str(SHIPPED_MODEL), help="default: the shipped synthetic-task model")

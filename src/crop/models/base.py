@@ -171,9 +171,9 @@ class ModelAdapter(ABC):
             scores = scores.masked_fill(~causal, float("-inf"))
         return scores.softmax(-1)
 
-    def vision_internals(self, pixel_values: torch.Tensor) -> VisionInternals:
-        """The vision tower's feature-layer states with the CLS token's attention and keys (for VisionZip)."""
-        raise UnsupportedModelError(f"{self.family}: the vision tower's attention is not exposed by this adapter")
+    def vision_crops(self, inputs: dict[str, Any]) -> list[VisionCrops]:
+        """Per image, the vision tower's feature layer on each crop it saw, with where each patch lands (VisionZip)."""
+        raise UnsupportedModelError(f"VisionZip is not supported for {self.family}: no CLS attention is exposed")
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vision hidden states `(..., vision dim)` through the projector into the LLM's embedding space."""
@@ -202,10 +202,27 @@ def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 @dataclass
 class VisionInternals:
-    """At the vision layer whose output feeds the projector: its output states `(B, 1 + N, dim)` (CLS first), the
-    CLS query's attention to the N patches summed over heads `(B, N)`, and keys averaged over heads
-    `(B, 1 + N, head_dim)`."""
+    """At the vision layer whose output feeds the projector, per crop: its output states `(crops, 1 + N, dim)` (CLS
+    first), the CLS query's attention to the N patches summed over heads `(crops, N)`, and keys averaged over
+    heads `(crops, 1 + N, head_dim)`."""
 
     hidden: torch.Tensor
     cls_attention: torch.Tensor
     keys: torch.Tensor
+
+    def crops(self, start: int, end: int) -> VisionInternals:
+        """Crops `start..end-1` only."""
+        return VisionInternals(self.hidden[start:end], self.cls_attention[start:end], self.keys[start:end])
+
+
+@dataclass
+class VisionCrops:
+    """One image's crops as the vision tower saw them (LLaVA: one; LLaVA-NeXT: the base image, then the tiles).
+
+    `cell[c, p]`: the placeholder index (after leading tokens) patch p of crop c stands for, -1 where none does
+    (LLaVA-NeXT's padding); `order[c, p]`: its rank in raster order of the stitched tiles (crops after the first).
+    """
+
+    internals: VisionInternals
+    cell: torch.Tensor
+    order: torch.Tensor

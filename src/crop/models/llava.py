@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from crop.errors import UnsupportedModelError
-from crop.models.base import ModelAdapter, VisionInternals, VisualLayout
+from crop.models.base import ModelAdapter, VisionCrops, VisionInternals, VisualLayout
 from crop.region import Viewport
 
 
@@ -47,38 +47,48 @@ class LlavaAdapter(ModelAdapter):
         )
         return list(output.pooler_output)
 
-    def vision_internals(self, pixel_values: torch.Tensor) -> VisionInternals:
-        config = self.model.config
-        if not isinstance(config.vision_feature_layer, int) or config.vision_feature_select_strategy != "default":
-            raise UnsupportedModelError(
-                "VisionZip needs one vision feature layer and the 'default' feature strategy (CLS not in the grid)"
-            )
-        tower = self.model.model.vision_tower
-        encoder = getattr(tower, "vision_model", tower).encoder  # transformers 5 flattened CLIPVisionModel
-        layers = encoder.layers
-        feature_layer = config.vision_feature_layer
-        index = len(layers) + feature_layer if feature_layer < 0 else feature_layer - 1
-        captured: dict[str, torch.Tensor] = {}
-
-        def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            captured["input"] = args[0] if args else kwargs["hidden_states"]
-
-        handle = layers[index].register_forward_pre_hook(capture, with_kwargs=True)
-        try:
-            output = tower(pixel_values.to(self.model.dtype), output_hidden_states=True)
-        finally:
-            handle.remove()
-        attention = layers[index].self_attn
-        normed = layers[index].layer_norm1(captured["input"])
-        batch, length, _ = normed.shape
-        query = attention.q_proj(normed[:, :1]).view(batch, 1, attention.num_heads, -1).transpose(1, 2)
-        keys = attention.k_proj(normed).view(batch, length, attention.num_heads, -1).transpose(1, 2)
-        probabilities = ((query @ keys.transpose(-1, -2)) * attention.scale).float().softmax(-1)
-        return VisionInternals(
-            hidden=output.hidden_states[feature_layer],
-            cls_attention=probabilities[:, :, 0, 1:].sum(1),
-            keys=keys.mean(1),
-        )
+    def vision_crops(self, inputs: dict[str, Any]) -> list[VisionCrops]:
+        internals = clip_internals(self.model, inputs["pixel_values"])
+        patches = internals.cls_attention.shape[1]
+        cells = torch.arange(patches)[None]
+        return [VisionCrops(internals.crops(b, b + 1), cells, cells) for b in range(internals.hidden.shape[0])]
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(hidden)
+
+
+def clip_internals(model: nn.Module, pixel_values: torch.Tensor) -> VisionInternals:
+    """A LLaVA-family CLIP tower's feature layer on `pixel_values` `(crops, C, H, W)`: its output states, the CLS
+    query's attention to the patches (summed over heads) and the keys (averaged over heads), from that layer's
+    own projections (the tower keeps its attention backend)."""
+    config = model.config
+    if not isinstance(config.vision_feature_layer, int) or config.vision_feature_select_strategy != "default":
+        raise UnsupportedModelError(
+            "VisionZip needs one vision feature layer and the 'default' feature strategy (CLS not in the grid)"
+        )
+    tower = model.model.vision_tower
+    encoder = getattr(tower, "vision_model", tower).encoder  # transformers 5 flattened CLIPVisionModel
+    layers = encoder.layers
+    feature_layer = config.vision_feature_layer
+    index = len(layers) + feature_layer if feature_layer < 0 else feature_layer - 1
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured["input"] = args[0] if args else kwargs["hidden_states"]
+
+    handle = layers[index].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        output = tower(pixel_values.to(model.dtype), output_hidden_states=True)
+    finally:
+        handle.remove()
+    attention = layers[index].self_attn
+    normed = layers[index].layer_norm1(captured["input"])
+    batch, length, _ = normed.shape
+    query = attention.q_proj(normed[:, :1]).view(batch, 1, attention.num_heads, -1).transpose(1, 2)
+    keys = attention.k_proj(normed).view(batch, length, attention.num_heads, -1).transpose(1, 2)
+    probabilities = ((query @ keys.transpose(-1, -2)) * attention.scale).float().softmax(-1)
+    return VisionInternals(
+        hidden=output.hidden_states[feature_layer],
+        cls_attention=probabilities[:, :, 0, 1:].sum(1),
+        keys=keys.mean(1),
+    )

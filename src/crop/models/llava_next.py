@@ -15,10 +15,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+    unpad_image,
+)
 
 from crop.errors import ConfigError, UnsupportedModelError
-from crop.models.base import ModelAdapter, VisualLayout
+from crop.models.base import ModelAdapter, VisionCrops, VisualLayout
+from crop.models.llava import clip_internals
 from crop.region import Viewport
 
 BASE, HIGH, NEWLINE = 0, 1, -1
@@ -188,3 +193,51 @@ class LlavaNextAdapter(ModelAdapter):
             return_dict=True,
         )
         return list(output.pooler_output)
+
+    def vision_crops(self, inputs: dict[str, Any]) -> list[VisionCrops]:
+        """The base image and the tiles of each image, as the tower saw them (the processor pads the batch's
+        tile lists to one length; only the real ones are run)."""
+        config = self.model.config
+        pixel_values, sizes = inputs["pixel_values"], inputs["image_sizes"].tolist()
+        counts = [
+            image_size_to_num_patches(
+                image_size=(height, width),
+                grid_pinpoints=config.image_grid_pinpoints,
+                patch_size=config.vision_config.image_size,
+            )
+            for height, width in sizes
+        ]
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([pixel_values[b, :count] for b, count in enumerate(counts)])
+        internals = clip_internals(self.model, pixel_values)
+        crops, start = [], 0
+        for (height, width), count in zip(sizes, counts, strict=True):
+            layout = token_layout(config, None, (int(width), int(height)))
+            cell, order = _crop_cells(layout, count)
+            crops.append(VisionCrops(internals.crops(start, start + count), cell, order))
+            start += count
+        return crops
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.model.multi_modal_projector(hidden)
+
+
+def _crop_cells(layout: NextTokenLayout, crops: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per crop and patch: the placeholder it stands for (-1 for tile patches unpadding removed) and its raster
+    rank in the stitched tiles. Crop 0 is the base image (its grid comes first in the placeholders)."""
+    side = layout.base_grid[0]
+    tile_rows, tile_cols = layout.tiles
+    if crops != 1 + tile_rows * tile_cols:
+        raise ConfigError(f"LLaVA-NeXT image with {crops} crops, expected 1 + {tile_rows}x{tile_cols} tiles")
+    rows, cols = layout.high_grid
+    top, left = layout.high_offset
+    patch, tile = torch.arange(side * side), torch.arange(crops - 1)
+    patch_row, patch_col = patch // side, patch % side
+    tile_row, tile_col = tile // tile_cols, tile % tile_cols
+    stitched_row = (tile_row[:, None] * side + patch_row[None]) - top
+    stitched_col = (tile_col[:, None] * side + patch_col[None]) - left
+    order = (stitched_row + top) * (tile_cols * side) + stitched_col + left
+    kept = (stitched_row >= 0) & (stitched_row < rows) & (stitched_col >= 0) & (stitched_col < cols)
+    high_cell = side * side + stitched_row * (cols + 1) + stitched_col  # each high-res row ends with a newline
+    cell = torch.cat([torch.arange(side * side)[None], torch.where(kept, high_cell, -1)])
+    return cell, torch.cat([torch.arange(side * side)[None], order])

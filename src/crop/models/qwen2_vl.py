@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from crop.errors import ConfigError, UnsupportedModelError
-from crop.models.base import ModelAdapter, VisualLayout
+from crop.models.base import ModelAdapter, VisionCrops, VisualLayout
 from crop.region import Viewport
 
 
@@ -62,6 +62,13 @@ class Qwen2VLAdapter(ModelAdapter):
         vision = self.model.model.visual
         output = self.model.model.get_image_features(inputs["pixel_values"].to(vision.dtype), grids, return_dict=True)
         return list(output.pooler_output)
+
+    def vision_crops(self, inputs: dict[str, Any]) -> list[VisionCrops]:
+        raise UnsupportedModelError(
+            f"VisionZip is not supported for {self.family}: it ranks patches by the vision tower's CLS attention "
+            "and this tower has no CLS token (its patches are merged 2x2 after the last block); use pool, random, "
+            "fastv, pyramiddrop, sparsevlm or crop"
+        )
 
     def spliced_inputs(
         self, original: dict[str, Any], spliced: dict[str, Any], source: torch.Tensor, position: str

@@ -7,6 +7,10 @@ merged into *contextual* tokens: targets evenly spaced among them, every other p
 target by the layer's keys (averaged over heads, cosine), each contextual token = target + mean of its assigned
 states. Selection and merging act on vision states, which then go through the projector. Token order: CLS,
 dominant patches in raster order, contextual tokens; positions are renumbered (`compact`), as the authors do.
+
+With several crops per image (LLaVA-NeXT: the base image and its tiles) each crop keeps an equal share of the
+budget, and the tokens follow the authors' LLaVA-NeXT code: the base crop's, then the tiles' dominant patches in
+raster order of the stitched tiles, their CLS tokens and their contextual tokens (no unpadding, no newlines).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 import torch
 
 from crop.errors import ConfigError
-from crop.stats import FINE, POOLED
+from crop.stats import DROPPED, FINE, POOLED
 from crop.strategies.base import Method, Selection, check_budget
 from crop.strategies.plc import Compressed
 
@@ -53,43 +57,82 @@ class VisionZip(Method):
     def encode(self, adapter: Any, inputs: dict[str, Any], leading: int) -> tuple[torch.Tensor, list[Any]]:
         if leading:
             raise ConfigError("VisionZip adds the CLS token itself: use the 'default' feature strategy")
-        pixel_values = inputs["pixel_values"]
-        internals = adapter.vision_internals(pixel_values)
-        rows = [
-            (internals.hidden[b], internals.cls_attention[b], internals.keys[b], adapter.project)
-            for b in range(pixel_values.shape[0])
-        ]
-        empty = internals.hidden.new_zeros(pixel_values.shape[0], 0, adapter.model.config.text_config.hidden_size)
-        return empty, rows
+        crops = adapter.vision_crops(inputs)
+        if self.position == "original" and any(image.cell.shape[0] > 1 for image in crops):
+            raise ConfigError(
+                "VisionZip position='original' needs one crop per image: tile tokens follow the authors' order "
+                "(stitched tiles, then the tiles' CLS and contextual tokens), not their positions; use 'compact'"
+            )
+        hidden = crops[0].internals.hidden
+        empty = hidden.new_zeros(len(crops), 0, adapter.model.config.text_config.hidden_size)
+        return empty, [(image, adapter.project) for image in crops]
 
     def select(self, encoded: Any, shape: tuple[int, int], inside: torch.Tensor | None, row: int) -> Selection:
-        hidden, cls_attention, keys, project = encoded
-        dominant = cls_attention.topk(self.budget - 1 - self.contextual).indices.sort().values + 1  # skip CLS
-        rest = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
-        rest[0] = False
-        rest[dominant] = False
-        rest_index = rest.nonzero().squeeze(1)
-        tokens = [hidden[:1], hidden[dominant]]
-        first = [torch.zeros(1, dtype=torch.long), (dominant - 1).cpu()]
-        cells = torch.full((shape[0] * shape[1],), POOLED, dtype=torch.long)
-        cells[(dominant - 1).cpu()] = FINE
-        if self.contextual:
-            metric = keys[rest_index]
-            metric = metric / metric.norm(dim=-1, keepdim=True)
-            step = max(1, rest_index.numel() // self.contextual)
-            targets = torch.arange(0, rest_index.numel(), step, device=hidden.device)[: self.contextual]
-            others = torch.ones(rest_index.numel(), dtype=torch.bool, device=hidden.device)
-            others[targets] = False
-            assign = (metric[others] @ metric[targets].T).argmax(-1)
-            states = hidden[rest_index]
-            sums = torch.zeros(targets.numel(), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-            sums.index_add_(0, assign, states[others])
-            counts = torch.bincount(assign, minlength=targets.numel()).clamp(min=1).to(hidden.dtype)
-            tokens.append(states[targets] + sums / counts[:, None])
-            first.append((rest_index[targets] - 1).cpu())
+        """Each crop keeps its share of the budget (CLS, dominant, contextual). The first crop's tokens come
+        first; further crops (tiles) follow as the authors order them: their dominant patches in raster order of
+        the stitched tiles, then their CLS tokens, then their contextual tokens."""
+        image, project = encoded
+        internals, cell = image.internals, image.cell
+        crops = cell.shape[0]
+        if self.budget < crops:
+            raise ConfigError(f"VisionZip budget {self.budget} is below one token per crop ({crops} crops)")
+        shares = [self.budget // crops + (c < self.budget % crops) for c in range(crops)]
+        zipped = [
+            zip_crop(
+                internals.hidden[c],
+                internals.cls_attention[c],
+                internals.keys[c],
+                share,
+                min(share - 1, round(self.contextual * share / self.budget)),
+            )
+            for c, share in enumerate(shares)
+        ]
+        hidden = internals.hidden
+        dominant0, context0, targets0 = zipped[0]
+        tokens = [hidden[0, :1], hidden[0, dominant0], context0]
+        first = [cell[0, :1], cell[0, dominant0 - 1], cell[0, targets0 - 1]]
+        if crops > 1:
+            tiles = [(c, d) for c in range(1, crops) for d in zipped[c][0].tolist()]
+            tiles.sort(key=lambda pair: int(image.order[pair[0], pair[1] - 1]))
+            tokens += [hidden[c, d][None] for c, d in tiles] + [hidden[1:, 0]] + [zipped[c][1] for c in range(1, crops)]
+            first += [cell[c, d - 1][None] for c, d in tiles] + [cell[1:, 0]]
+            first += [cell[c, zipped[c][2] - 1] for c in range(1, crops)]
         features = project(torch.cat(tokens))
-        compressed = Compressed(features, torch.ones(features.shape[0], dtype=torch.bool), torch.cat(first))
-        return Selection(compressed, torch.ones(features.shape[0], dtype=torch.bool), cells.view(shape))
+        count = shape[0] * shape[1]
+        covered = torch.zeros(count, dtype=torch.bool)
+        covered[cell[cell >= 0]] = True
+        cells = torch.where(covered, POOLED, DROPPED)
+        dominant_cells = torch.cat([cell[c, zipped[c][0].cpu() - 1] for c in range(crops)])
+        cells[dominant_cells[dominant_cells >= 0]] = FINE
+        kept = torch.ones(features.shape[0], dtype=torch.bool)
+        compressed = Compressed(features, kept, torch.cat(first).clamp(min=0))
+        return Selection(compressed, kept.clone(), cells.view(shape))
 
     def describe(self) -> str:
         return f"VisionZip({self.budget - self.contextual} dominant + {self.contextual} contextual)"
+
+
+def zip_crop(
+    hidden: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor, budget: int, contextual: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One crop's VisionZip: `(dominant patches' indices into hidden (CLS is 0), contextual states, their target
+    patches' indices)` for `budget` tokens of which `contextual` merged ones (the CLS state counts as dominant)."""
+    dominant = cls_attention.topk(budget - 1 - contextual).indices.sort().values + 1
+    rest = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+    rest[0] = False
+    rest[dominant] = False
+    rest_index = rest.nonzero().squeeze(1)
+    if not contextual:
+        return dominant, hidden[:0], rest_index[:0]
+    metric = keys[rest_index]
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    step = max(1, rest_index.numel() // contextual)
+    targets = torch.arange(0, rest_index.numel(), step, device=hidden.device)[:contextual]
+    others = torch.ones(rest_index.numel(), dtype=torch.bool, device=hidden.device)
+    others[targets] = False
+    assign = (metric[others] @ metric[targets].T).argmax(-1)
+    states = hidden[rest_index]
+    sums = torch.zeros(targets.numel(), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+    sums.index_add_(0, assign, states[others])
+    counts = torch.bincount(assign, minlength=targets.numel()).clamp(min=1).to(hidden.dtype)
+    return dominant, states[targets] + sums / counts[:, None], rest_index[targets]
