@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,16 +12,41 @@ from crop.errors import UnsupportedModelError
 def load_model(path: str | Path, attn_implementation: str = "sdpa", dtype: str = "float32") -> tuple[Any, Any]:
     """`(model, processor)` from `from_pretrained(path)`: any image-text-to-text model transformers knows."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             path, attn_implementation=attn_implementation, dtype=getattr(torch, dtype)
         )
-        processor = AutoProcessor.from_pretrained(path)
+        processor = _processor_class(path).from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:
         raise UnsupportedModelError(
             f"cannot load a vision-language model from {path}: {exc}. Expected a directory (or hub id) holding a "
             "Hugging Face image-text-to-text model and its processor, e.g. llava-hf/llava-1.5-7b-hf"
         ) from exc
+    if getattr(processor, "image_processor", None) is None:
+        raise UnsupportedModelError(
+            f"the processor saved in {path} ({_saved_processor_class(path)}) came back as a "
+            f"{type(processor).__name__} without an image processor: transformers falls back to the bare tokenizer "
+            "when it cannot build the processor class named there (Qwen2-VL's, for one, needs torchvision for its "
+            "video processor)"
+        )
     return model.eval(), processor
+
+
+def _processor_class(path: str | Path) -> Any:
+    """`AutoProcessor`, or crop's tiny Qwen processor class for the test models it saves (no video slot)."""
+    from transformers import AutoProcessor
+
+    name = _saved_processor_class(path)
+    if name in ("TinyQwen2VLProcessor", "TinyQwen2_5_VLProcessor"):
+        from crop import tiny_qwen
+
+        return getattr(tiny_qwen, name)
+    return AutoProcessor
+
+
+def _saved_processor_class(path: str | Path) -> str | None:
+    """The processor class named in a local directory's processor_config.json, if any."""
+    config = Path(path) / "processor_config.json"
+    return json.loads(config.read_text()).get("processor_class") if config.is_file() else None

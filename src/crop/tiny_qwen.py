@@ -7,7 +7,8 @@ The processors use the PIL image processor (`Qwen2VLImageProcessorPil`) and no v
 cannot construct `Qwen2VLProcessor` without torchvision (its video processor needs it), so `build_qwen_processor`
 returns `TinyQwen2VLProcessor` / `TinyQwen2_5_VLProcessor`, subclasses without the video slot. They save with
 `save_pretrained` and load back with their own `from_pretrained`. `Qwen2VLProcessor.from_pretrained` fails on them
-(no video processor) and `AutoProcessor.from_pretrained` silently returns the bare tokenizer (transformers 5.24).
+(no video processor) and `AutoProcessor.from_pretrained` silently returns the bare tokenizer (transformers 5.24);
+`crop.loading.load_model` knows them.
 Models load with `from_pretrained` / `AutoModelForImageTextToText` (pass `attn_implementation`: it is not saved).
 """
 
