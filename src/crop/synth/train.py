@@ -6,7 +6,8 @@ prompts (`locate : <question>` -> `x0 y0 x1 y1`), keeps the per-patch heads as a
 attention-grounding loss: at one LLM layer, the last prompt token's attention (mean over heads) should fall on
 the patches the answer rests on (the tag patch for a digit, the object's cell otherwise). That loss teaches
 binding ("the red object" -> its patches) directly, which SYNTH-NOTES.md found to be the slow part of learning
-this task from the answer alone.
+this task from the answer alone. Stage 2 starts with the colour, shape and digit words' embeddings taken from the
+per-patch heads (`ground_vocabulary`): without it the same schedule ends at 62% validation accuracy, with it 91%.
 
 With `plc_share > 0` a learned PLC compressor (`LearnedPLC`) is trained with the VLM, as the paper trains its PLC:
 that share of the question prompts carries the compressed tokens of the answer's region (jittered by up to
