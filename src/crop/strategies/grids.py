@@ -75,8 +75,8 @@ class _PerGrid:
         target = max(round(budget * counts[last] / sum(counts)), budget - others)
         last_part, used = self._fit_last(min(target, counts[last] + self.separators.numel()))
         remaining = budget - used
-        shares = [remaining * count // others if others else 0 for count in counts[:last]]
-        for g in range(remaining - sum(shares)):
+        shares = [remaining * count // others for count in counts[:last]] if others else []
+        for g in range(remaining - sum(shares) if others else 0):
             shares[g % last] += 1
         parts = [self._run(g, self._with_budget(min(share, counts[g]))) for g, share in enumerate(shares)]
         return [*parts, last_part]
