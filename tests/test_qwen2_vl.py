@@ -19,9 +19,10 @@ def processor():
     return build_qwen_processor()
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=[(family, attn) for family in FAMILIES for attn in ("sdpa", "eager")])
 def model(request):
-    return build_qwen_model(family=request.param)
+    family, attn = request.param
+    return build_qwen_model(family=family, attn_implementation=attn)
 
 
 def test_nothing_pruned_equals_the_model(model, processor):

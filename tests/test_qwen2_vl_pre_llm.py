@@ -26,9 +26,12 @@ def processor():
     return build_qwen_processor()
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(
+    scope="module", params=[(family, attn) for family in ("qwen2_vl", "qwen2_5_vl") for attn in ("sdpa", "eager")]
+)
 def model(request):
-    return build_qwen_model(family=request.param)
+    family, attn = request.param
+    return build_qwen_model(family=family, attn_implementation=attn)
 
 
 def spliced_by_hand(model, alone: dict, region: Region, method: CROP) -> tuple[torch.Tensor, torch.Tensor, int]:
