@@ -361,3 +361,13 @@ def test_visionzip_per_crop_equals_the_authors_order(model, processor, budget):
         assert stats.rows[row].llm_input_tokens == budget
     with pytest.raises(ConfigError, match="one crop per image"):
         crop.apply(model, processor, method=VisionZip(budget, position="original"))(**inputs)
+
+
+def test_visionzip_budget_below_one_token_per_crop_is_refused(model, processor):
+    inputs = batch(processor, 1)  # 120 x 60: the base image and 2 tiles
+    pruned = crop.apply(model, processor, method=VisionZip(2))
+    try:
+        with pytest.raises(ConfigError, match="below one token per crop"):
+            pruned(**inputs)
+    finally:
+        pruned.remove()

@@ -15,6 +15,9 @@ from crop.region import Viewport
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
+SEPARATOR = -1
+"""Grid id of a separator token in `VisualLayout.cells` (it ends a row of the last grid)."""
+
 
 @dataclass(frozen=True, eq=False)
 class VisualLayout:
@@ -54,7 +57,7 @@ class VisualLayout:
             keep[here] = mask[row[here], col[here]]
         last = len(self.grids) - 1
         kept_rows = set(row[(grid == last) & keep].tolist())
-        separators = (grid == -1).nonzero().squeeze(1)
+        separators = (grid == SEPARATOR).nonzero().squeeze(1)
         keep[separators] = torch.tensor([int(row[i]) in kept_rows for i in separators], dtype=torch.bool)
         return keep.view(self.rows, self.cols)
 

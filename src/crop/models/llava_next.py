@@ -22,11 +22,11 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from crop.errors import ConfigError, UnsupportedModelError
-from crop.models.base import ModelAdapter, VisionCrops, VisualLayout
+from crop.models.base import SEPARATOR, ModelAdapter, VisionCrops, VisualLayout
 from crop.models.llava import clip_internals
 from crop.region import Viewport
 
-BASE, HIGH, NEWLINE = 0, 1, -1
+BASE, HIGH, NEWLINE = 0, 1, SEPARATOR
 """Grid ids in `NextTokenLayout.cells`."""
 
 

@@ -11,14 +11,11 @@ from __future__ import annotations
 import torch
 
 from crop.errors import ConfigError, UnsupportedModelError
-from crop.models.base import VisualLayout
+from crop.models.base import SEPARATOR, VisualLayout
 from crop.stats import DROPPED, FINE
 from crop.strategies.base import Method, Selection
 from crop.strategies.learned_plc import LearnedPLC
 from crop.strategies.plc import Compressed
-
-SEPARATOR = -1
-"""Grid id of a separator in `VisualLayout.cells`."""
 
 
 def select_for_layout(
