@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 
-from crop.bench import SHAPES, kv_cache_bytes, prefill_flops
+import pytest
+import torch
+from transformers import LogitsProcessorList
+
+from crop.bench import SHAPES, StepClock, kv_cache_bytes, prefill_flops
 from crop.cli import main
 
 
@@ -19,6 +23,11 @@ def test_bench_smoke_and_kv_cache_bytes(tmp_path, capsys):
     expected = {"full", "crop-ilp", "crop-attn-2pass", "crop-fused", "fastv", "pyramiddrop", "sparsevlm", "ideal-k2"}
     assert expected | {"visionzip", "random", "pool", "ideal"} <= methods
     assert all(row["kv_cache_matches_analytic"] for row in report["rows"])
+    for row in report["rows"]:
+        has_decode = row["method"] != "ideal-k2"  # the depth-profile ideal measures prefill only
+        assert (row["decode_tokens_per_s"] is not None and row["decode_tokens_per_s"] > 0) == has_decode, row
+        localized = row["method"] == "crop-attn-2pass"
+        assert (row["localize_s"] is not None and 0 < row["localize_s"] < row["prefill_s"]["median"]) == localized, row
     assert "| full | all | 64 |" in capsys.readouterr().out
     assert out.with_suffix(".png").is_file()
 
@@ -26,7 +35,7 @@ def test_bench_smoke_and_kv_cache_bytes(tmp_path, capsys):
 def test_analytic_counts():
     shape = SHAPES["tiny"]
     head_dim = shape.hidden // shape.heads
-    assert kv_cache_bytes(shape, [10, 10, 4, 4], __import__("torch").float32) == 2 * 28 * shape.kv_heads * head_dim * 4
+    assert kv_cache_bytes(shape, [10, 10, 4, 4], torch.float32) == 2 * 28 * shape.kv_heads * head_dim * 4
     one_layer = prefill_flops(shape, [10])
     expected = 2 * 10 * 64 * (2 * 64 + 2 * 32) + 4 * 100 * 64 + 6 * 10 * 64 * 128
     assert one_layer == expected
@@ -55,3 +64,17 @@ def test_depth_profile_ideal_computes_what_ilp_computes():
     for ideal_layer, pruned_layer in zip(ideal_cache.layers, output.cache.layers, strict=True):
         torch.testing.assert_close(ideal_layer.keys, pruned_layer.keys, atol=1e-5, rtol=0)
         torch.testing.assert_close(ideal_layer.values, pruned_layer.values, atol=1e-5, rtol=0)
+
+
+def test_step_clock_reads_decode_speed_from_one_generate_call():
+    from crop.tiny import build_model
+
+    model = build_model()
+    clock = StepClock("cpu")
+    ids = torch.tensor([[1, 5, 6, 7]])
+    model.generate(input_ids=ids, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                   logits_processor=LogitsProcessorList([clock]))  # fmt: skip
+    assert len(clock.times) == 5
+    assert clock.tokens_per_second() == pytest.approx(4 / (clock.times[-1] - clock.times[0]))
+    with pytest.raises(ValueError, match="two generated tokens"):
+        StepClock("cpu").tokens_per_second()

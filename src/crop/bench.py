@@ -22,7 +22,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
 
 import crop
 from crop.errors import ConfigError
@@ -202,6 +209,28 @@ def timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
     return time.perf_counter() - begin, result
 
 
+class StepClock(LogitsProcessor):
+    """Records the time each generated token's logits are ready (CUDA: after synchronising), so that decode speed
+    is read from one `generate` call: the span from the first token (end of prefill) to the last."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return scores
+
+    def tokens_per_second(self) -> float:
+        """Decode steps after the first token, per second of their span."""
+        steps = len(self.times) - 1
+        if steps < 1:
+            raise ValueError("decode speed needs at least two generated tokens")
+        return steps / max(self.times[-1] - self.times[0], 1e-9)
+
+
 @dataclass
 class Case:
     """One measured configuration: a method (None: the ideal or full) at a budget."""
@@ -331,6 +360,7 @@ def run(
 
 
 def _measure(model: Any, inputs: dict, case: Case, shape: Shape, new_tokens: int, device: str) -> dict[str, float]:
+    localize_seconds: list[float] = []
     if case.ideal_tokens is not None and case.ideal_layer:
         prefill_call, generate_call = _profile_ideal_prefill(model, inputs, case.ideal_tokens, case.ideal_layer), None
         per_layer = [shape.grid_tokens] * case.ideal_layer + [case.ideal_tokens] * (shape.llm_layers - case.ideal_layer)
@@ -344,19 +374,23 @@ def _measure(model: Any, inputs: dict, case: Case, shape: Shape, new_tokens: int
 
         def regions() -> list[Region] | None:
             if localizer is not None:
-                return [localizer()]
+                seconds, region = timed(localizer, device)
+                localize_seconds.append(seconds)
+                return [region]
             return [case.region or Region.full()] if method.needs_region else None
 
         prefill_call = lambda: pruned(**inputs, regions=regions(), use_cache=True)  # noqa: E731
-        generate_call = lambda steps: pruned.generate(  # noqa: E731
-            **inputs, regions=regions(), max_new_tokens=steps, min_new_tokens=steps, do_sample=False
-        )
+        generate_call = lambda steps, clock: pruned.generate(  # noqa: E731
+            **inputs, regions=regions(), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+            logits_processor=LogitsProcessorList([clock]),
+        )  # fmt: skip
+    clock = StepClock(device)
     try:
         with torch.inference_mode(), PeakMemory(device) as memory:
             prefill, output = timed(prefill_call, device)
+        localize = localize_seconds[0] if localize_seconds else None
         if generate_call is not None:
-            first_token, _ = timed(lambda: generate_call(1), device)
-            generate, _ = timed(lambda: generate_call(new_tokens + 1), device)
+            generate_call(new_tokens + 1, clock)
     finally:
         if case.ideal_tokens is None:
             pruned.remove()
@@ -367,7 +401,8 @@ def _measure(model: Any, inputs: dict, case: Case, shape: Shape, new_tokens: int
     tokens = [n + TEXT_TOKENS for n in per_layer]
     return {
         "prefill_s": prefill,
-        "decode_tokens_per_s": new_tokens / max(generate - first_token, 1e-9) if generate_call else None,
+        "localize_s": localize,
+        "decode_tokens_per_s": clock.tokens_per_second() if generate_call else None,
         "peak_memory_bytes": memory.peak,
         "kv_cache_bytes": measured_cache_bytes(cache),
         "kv_cache_bytes_analytic": kv_cache_bytes(shape, tokens, cache.layers[0].keys.dtype),
@@ -422,7 +457,7 @@ def _profile_ideal_prefill(model: Any, inputs: dict, kept: int, layer: int) -> C
     return prefill
 
 
-def _ideal_calls(model: Any, inputs: dict, kept: int) -> tuple[Callable[[], Any], Callable[[int], Any]]:
+def _ideal_calls(model: Any, inputs: dict, kept: int) -> tuple[Callable[[], Any], Callable[[int, StepClock], Any]]:
     """The ideal at `kept` tokens: the image is encoded as usual, then the LLM gets only `kept` visual tokens
     (the first ones, taken without any selection work)."""
     config = model.config
@@ -445,10 +480,11 @@ def _ideal_calls(model: Any, inputs: dict, kept: int) -> tuple[Callable[[], Any]
         with torch.inference_mode():
             return model(inputs_embeds=embeds(), attention_mask=mask, use_cache=True)
 
-    def generate(steps: int) -> Any:
+    def generate(steps: int, clock: StepClock) -> Any:
         with torch.inference_mode():
             return model.generate(input_ids=short, inputs_embeds=embeds(), attention_mask=mask,
-                                  max_new_tokens=steps, min_new_tokens=steps, do_sample=False)  # fmt: skip
+                                  max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                                  logits_processor=LogitsProcessorList([clock]))  # fmt: skip
 
     return prefill, generate
 
@@ -476,6 +512,7 @@ def _report(shape: Shape, all_cases: list[Case], budgets, device: str, dtype: st
             "prefill_ratio_to_ideal_k2": median / profile[case.budget] if case.budget in profile else None,
             "flops_ratio_to_full": (case.results["flops_prefill"][0] + vision) / (full_flops + vision),
             "llm_flops_ratio_to_full": case.results["flops_prefill"][0] / full_flops,
+            "localize_s": _median_or_none(case.results["localize_s"]),
             "decode_tokens_per_s": _median_or_none(case.results["decode_tokens_per_s"]),
             "peak_memory_mb": statistics.median(case.results["peak_memory_bytes"]) / 2**20,
             "kv_cache_mb": measured / 2**20,
@@ -491,14 +528,30 @@ def _report(shape: Shape, all_cases: list[Case], budgets, device: str, dtype: st
         "dtype": dtype,
         "repeats": repeats,
         "new_tokens": new_tokens,
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor(),
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": _cpu_name(),
                     "threads": torch.get_num_threads()},
         "rows": rows,
     }  # fmt: skip
 
 
+def _cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _median_or_none(values: list[float | None]) -> float | None:
     return None if any(v is None for v in values) else statistics.median(values)
+
+
+def _milliseconds(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1000 * seconds:.1f}"
 
 
 def _number(value: float | None) -> str:
@@ -508,9 +561,9 @@ def _number(value: float | None) -> str:
 def table(report: dict[str, Any]) -> str:
     """The report as a Markdown table."""
     lines = [
-        "| method | budget | kept | avg over layers | prefill ms (min-max) | x full | x ideal | x ideal K=2 | "
-        "FLOPs x full | decode tok/s | peak MB | KV MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | budget | kept | avg over layers | prefill ms (min-max) | of which localize ms | x full | x ideal | "
+        "x ideal K=2 | FLOPs x full | decode tok/s | peak MB | KV MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         prefill = row["prefill_s"]
@@ -520,7 +573,8 @@ def table(report: dict[str, Any]) -> str:
         lines.append(
             f"| {row['method']} | {row['budget']} | {row['kept_tokens']} | {row['average_tokens_over_layers']:.1f} | "
             f"{1000 * prefill['median']:.1f} ({1000 * prefill['min']:.1f}-{1000 * prefill['max']:.1f}) | "
-            f"{row['prefill_ratio_to_full']:.2f} | {ideal} | {profile} | {row['flops_ratio_to_full']:.2f} | "
+            f"{_milliseconds(row.get('localize_s'))} | {row['prefill_ratio_to_full']:.2f} | {ideal} | {profile} | "
+            f"{row['flops_ratio_to_full']:.2f} | "
             f"{_number(row['decode_tokens_per_s'])} | {row['peak_memory_mb']:.0f} | {row['kv_cache_mb']:.2f} |"
         )
     return "\n".join(lines)
