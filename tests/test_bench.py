@@ -11,6 +11,7 @@ from transformers import LogitsProcessorList
 
 from crop.bench import SHAPES, StepClock, kv_cache_bytes, prefill_flops
 from crop.cli import main
+from crop.errors import ConfigError
 
 
 def test_bench_smoke_and_kv_cache_bytes(tmp_path, capsys):
@@ -78,3 +79,28 @@ def test_step_clock_reads_decode_speed_from_one_generate_call():
     assert clock.tokens_per_second() == pytest.approx(4 / (clock.times[-1] - clock.times[0]))
     with pytest.raises(ValueError, match="two generated tokens"):
         StepClock("cpu").tokens_per_second()
+
+
+def test_llm_depth_can_be_set_within_the_real_depth(tmp_path):
+    from crop.bench import bench_shape, run
+
+    assert bench_shape("llava-1.5-7b", 32).llm_layers == 32
+    assert bench_shape("llava-1.5-7b").llm_layers == 8
+    for bad in (2, 33):
+        with pytest.raises(ConfigError, match=f"--llm-layers {bad} is outside 3..32"):
+            bench_shape("llava-1.5-7b", bad)
+    report = run("tiny", (32,), repeats=1, warmup=0, new_tokens=2, out=None, methods=["crop-ilp"], llm_layers=3,
+                 progress=lambda _: None)  # fmt: skip
+    assert report["shape"]["llm_layers"] == 3
+    assert report["note"] == "LLM layers reduced from 4 to 3 to fit memory"
+    assert all(row["kv_cache_matches_analytic"] for row in report["rows"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_unusable_device_is_refused_before_building():
+    from crop.bench import check_device
+
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        check_device("cuda")
+    with pytest.raises(ConfigError, match="use cpu or cuda"):
+        check_device("mps")

@@ -16,17 +16,17 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import (
+    AutoModelForImageTextToText,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
-    LlavaForConditionalGeneration,
     LogitsProcessor,
     LogitsProcessorList,
 )
@@ -82,6 +82,31 @@ SHAPES = {
 }
 
 
+def bench_shape(name: str, llm_layers: int | None = None) -> Shape:
+    """A shape by name, its LLM cut to (or restored to) `llm_layers` if given."""
+    if name not in SHAPES:
+        raise ConfigError(f"unknown benchmark shape {name!r}; available: {', '.join(SHAPES)}")
+    shape = SHAPES[name]
+    if llm_layers is None:
+        return shape
+    if not 3 <= llm_layers <= shape.real_llm_layers:
+        raise ConfigError(
+            f"--llm-layers {llm_layers} is outside 3..{shape.real_llm_layers} for {name}: the in-LLM methods prune "
+            f"at layer 2, and {shape.real_llm_layers} is the real model's depth"
+        )
+    return replace(shape, llm_layers=llm_layers)
+
+
+def check_device(device: str) -> None:
+    """Refuses a device this torch build cannot use, before minutes of model building."""
+    if device == "cpu":
+        return
+    if not device.startswith("cuda"):
+        raise ConfigError(f"--device {device!r} is not supported; use cpu or cuda (cuda:N)")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} but CUDA is not available to torch {torch.__version__} here")
+
+
 def build_bench_model(shape: Shape, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
     """A random-weight LLaVA with `shape`'s layer sizes, SDPA attention."""
     vision = CLIPVisionConfig(
@@ -103,10 +128,9 @@ def build_bench_model(shape: Shape, dtype: torch.dtype = torch.float32, device: 
         pad_token_id=0,
     )
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2)
-    config._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(config)
-    return model.to(dtype).eval()
+    with torch.device(device):  # built in place, in `dtype`: 7B shapes in float32 would need twice the memory
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
 
 
 def bench_inputs(shape: Shape, batch: int = 1, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
@@ -289,11 +313,11 @@ def grid_localizer(model: Any, inputs: dict) -> Callable[[], Region]:
     32 x 1280, LLM 28 x 1536, MLP 8960, GQA 12:2) asked for the grid box of a 336 px image, answering 12 tokens (a
     box like `[2, 3, 5, 6]`). Its answer is unparsable noise, so the region falls back to the whole image: only the
     time means something. Run it by name (`--methods crop-grid-loc`): it is not in the default set."""
-    return _grid_localizer_call()
+    return _grid_localizer_call(str(model.device), model.dtype)
 
 
 @functools.cache
-def _grid_localizer_call() -> Callable[[], Region]:
+def _grid_localizer_call(device: str, dtype: torch.dtype) -> Callable[[], Region]:
     from PIL import Image
 
     from crop.localize import GridVLMLocalizer
@@ -306,6 +330,7 @@ def _grid_localizer_call() -> Callable[[], Region]:
         vision_hidden=1280, vision_layers=32, vision_heads=16, vision_mlp_ratio=4, mrope_section=(16, 24, 24),
         vocab_size=151936, initializer_range=0.02,
     )  # fmt: skip
+    localizer_model = localizer_model.to(device=device, dtype=dtype)
     localizer_model.generation_config.eos_token_id = None  # always the 12 tokens of a box answer
     localizer = GridVLMLocalizer(localizer_model, processor, max_new_tokens=12)
     image = Image.fromarray(torch.randint(0, 255, (side, side, 3), dtype=torch.uint8).numpy())
@@ -324,12 +349,14 @@ def run(
     threads: int | None = None,
     progress: Callable[[str], None] = print,
     methods: list[str] | None = None,
+    llm_layers: int | None = None,
 ) -> dict[str, Any]:
     """Measure every case (or, with `methods`, those and full and the ideal); repeats are interleaved (case order
-    rotates each round)."""
+    rotates each round). `llm_layers` overrides the shape's LLM depth (up to the real model's)."""
     if threads:
         torch.set_num_threads(threads)
-    shape = SHAPES[shape_name]
+    shape = bench_shape(shape_name, llm_layers)
+    check_device(device)
     torch_dtype = getattr(torch, dtype)
     torch.manual_seed(0)
     model = build_bench_model(shape, torch_dtype, device)

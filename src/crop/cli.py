@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    bench.add_argument(
+        "--llm-layers", type=int, help="LLM depth (default: the shape's; llava-1.5-7b is cut to 8 of 32 for 24 GiB)"
+    )
     bench.add_argument("--out", type=Path, default=Path("results") / "bench.json")
     bench.add_argument(
         "--methods", nargs="+", help="only these rows (e.g. crop-ilp fastv crop-fused); full and ideal always run"
@@ -212,6 +215,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     report = bench.run(
         args.shape, tuple(args.budgets), repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens,
         device=args.device, dtype=args.dtype, out=args.out, threads=args.threads, methods=args.methods,
+        llm_layers=args.llm_layers,
     )  # fmt: skip
     print(f"{report['shape']['name']}: {report['note']}; {report['device']} {report['dtype']}; {report['machine']}")
     text = bench.table(report)
