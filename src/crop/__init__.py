@@ -1,5 +1,6 @@
 """crop: contextual region-oriented visual token pruning for vision-language models."""
 
+from crop import models  # noqa: F401  (registers the model families)
 from crop.errors import (
     ConfigError,
     CropError,

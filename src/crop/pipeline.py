@@ -11,11 +11,10 @@ from typing import Any
 import torch
 from PIL import Image
 
+from crop.adapter import VisualLayout, adapter_for, grid_cell_index, pool_rows, question_weights
 from crop.errors import ConfigError, UnsupportedModelError
 from crop.image import load_image
 from crop.localize import FixedLocalizer, Localizer
-from crop.localize.attention import pool_rows, question_weights
-from crop.models import VisualLayout, adapter_for, grid_cell_index
 from crop.prompting import build_prompt
 from crop.region import Region, Viewport
 from crop.stats import DROPPED, FINE, PruneStats, RowStats

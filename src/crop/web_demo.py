@@ -44,7 +44,7 @@ class LoadedModel:
     @property
     def visual_tokens(self) -> int | None:
         """Visual tokens of one image for fixed-grid models (the budget slider's range), else None."""
-        from crop.models import adapter_for
+        from crop.adapter import adapter_for
 
         layout = adapter_for(self.model).visual_layout()
         return None if layout is None else layout.rows * layout.cols

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from crop.errors import ConfigError, LocalizerError
+from crop.adapter import adapter_for, grid_cell_index, pool_rows, question_weights
+from crop.errors import ConfigError
 from crop.image import load_image
-from crop.models import adapter_for, grid_cell_index
 from crop.prompting import build_prompt
 from crop.region import GRID_SIZE, Region, Viewport
 
@@ -35,32 +35,6 @@ ROWS = ("question", "last")
 """Defaults chosen by mean IoU with the ground-truth box on the synthetic task's validation split (300 questions,
 `crop synth tune-attention`, `results/synth_attention_tuning.json`): layer 1 (of 4), the last row, penalty 0.5.
 Other models will want their own: run the same sweep on validation data."""
-
-
-def question_weights(cell_of: torch.Tensor) -> torch.Tensor:
-    """`(batch, count)` weights over each row's last `count` prompt positions: 1 on the tokens after the row's
-    image (the question's rows), 0 elsewhere. `cell_of` marks grid tokens with their cell (-1 for others)."""
-    batch, length = cell_of.shape
-    last_visual = []
-    for row in range(batch):
-        grid = (cell_of[row] >= 0).nonzero()
-        if grid.numel() == 0 or int(grid.max()) == length - 1:
-            raise LocalizerError(
-                f"row {row}: no text tokens after the image, so there is no question to rate the visual tokens; "
-                "put the image before the question in the prompt"
-            )
-        last_visual.append(int(grid.max()))
-    count = length - 1 - min(last_visual)
-    weights = torch.zeros(batch, count, device=cell_of.device)
-    for row in range(batch):
-        weights[row, count - (length - 1 - last_visual[row]) :] = 1.0
-    return weights
-
-
-def pool_rows(attention: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """`(batch, heads, length)`: attention `(batch, heads, count, length)` averaged over rows with `weights`."""
-    weights = weights.to(attention.device, attention.dtype)
-    return (attention * weights[:, None, :, None]).sum(2) / weights.sum(1)[:, None, None]
 
 
 def grid_mass(relevance: torch.Tensor, grid_size: int = GRID_SIZE) -> torch.Tensor:

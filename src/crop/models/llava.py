@@ -7,11 +7,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from crop.adapter import ModelAdapter, VisionCrops, VisionInternals, VisualLayout, register
 from crop.errors import UnsupportedModelError
-from crop.models.base import ModelAdapter, VisionCrops, VisionInternals, VisualLayout
 from crop.region import Viewport
 
 
+@register("LlavaForConditionalGeneration")
 class LlavaAdapter(ModelAdapter):
     """Visual tokens: `(image_size / patch_size)^2` patches in raster order (plus CLS with strategy `full`)."""
 

@@ -21,8 +21,8 @@ from transformers.models.llava_next.modeling_llava_next import (
     unpad_image,
 )
 
+from crop.adapter import SEPARATOR, ModelAdapter, VisionCrops, VisualLayout, register
 from crop.errors import ConfigError, UnsupportedModelError
-from crop.models.base import SEPARATOR, ModelAdapter, VisionCrops, VisualLayout
 from crop.models.llava import clip_internals
 from crop.region import Viewport
 
@@ -147,6 +147,7 @@ def _fit_size(height: int, width: int, target_h: int, target_w: int) -> tuple[in
     return target_h, min(math.ceil(width * scale_h), target_w)
 
 
+@register("LlavaNextForConditionalGeneration")
 class LlavaNextAdapter(ModelAdapter):
     """Visual tokens per image: a base grid then the unpadded high-res grid with a newline after each row."""
 

@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 
+from crop.adapter import ModelAdapter, VisionCrops, VisualLayout, register
 from crop.errors import ConfigError, UnsupportedModelError
-from crop.models.base import ModelAdapter, VisionCrops, VisualLayout
 from crop.region import Viewport
 
 
+@register("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 class Qwen2VLAdapter(ModelAdapter):
     """Visual tokens: one `(h/merge) x (w/merge)` raster grid per image, sized by `image_grid_thw`."""
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from crop.adapter import VisualLayout
 from crop.localize.attention import DEFAULT_PENALTY, DEFAULT_ROWS, check_settings, region_from_relevance
-from crop.models.base import VisualLayout
 from crop.region import Region, Viewport
 from crop.stats import FINE
 from crop.strategies.base import Method, Selection, check_budget

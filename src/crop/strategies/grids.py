@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from crop.adapter import SEPARATOR, VisualLayout
 from crop.errors import ConfigError, UnsupportedModelError
-from crop.models.base import SEPARATOR, VisualLayout
 from crop.stats import DROPPED, FINE
 from crop.strategies.base import Method, Selection
 from crop.strategies.learned_plc import LearnedPLC

@@ -25,10 +25,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from crop.adapter import adapter_for
 from crop.errors import ConfigError, UnsupportedModelError
 from crop.evaluation.metrics import normalize_vqa_answer
 from crop.image import load_image
-from crop.models import adapter_for
 from crop.pipeline import CropModel
 from crop.prompting import build_prompt
 from crop.region import Region

@@ -1,16 +1,23 @@
-"""What the core needs to know about a VLM family, and nothing more."""
+"""What the core needs to know about a VLM family, and nothing more: the adapter protocol, the token layout of
+an image, the family registry, and the attention primitives that read a decoder layer's queries and keys.
+
+Each family lives in one file under `crop/models/`, which subclasses `ModelAdapter` and registers it with
+`@register("SomeForConditionalGeneration")`; `adapter_for(model)` walks the model class's MRO, so a subclass of a
+supported class is supported too. The core imports no family: `crop/__init__.py` imports `crop.models`, which
+imports every family file once.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from crop.errors import UnsupportedModelError
+from crop.errors import LocalizerError, UnsupportedModelError
 from crop.region import Viewport
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -183,6 +190,38 @@ class ModelAdapter(ABC):
         raise UnsupportedModelError(f"{self.family}: projecting selected vision states is not supported")
 
 
+_REGISTRY: dict[str, type[ModelAdapter]] = {}
+"""Model class name -> its family's adapter, filled by `register` as the family files are imported."""
+
+
+def register(*class_names: str) -> Callable[[type[ModelAdapter]], type[ModelAdapter]]:
+    """Class decorator: `adapter_class` handles the models whose class (or a base class) has one of these names."""
+
+    def decorate(adapter_class: type[ModelAdapter]) -> type[ModelAdapter]:
+        for name in class_names:
+            _REGISTRY[name] = adapter_class
+        return adapter_class
+
+    return decorate
+
+
+def supported_classes() -> list[str]:
+    """The model class names some registered family handles."""
+    return sorted(_REGISTRY)
+
+
+def adapter_for(model: Any) -> ModelAdapter:
+    """The adapter for `model`'s family (found along its class's MRO), or `UnsupportedModelError` naming the
+    classes supported."""
+    for klass in type(model).__mro__:
+        if klass.__name__ in _REGISTRY:
+            return _REGISTRY[klass.__name__](model)
+    raise UnsupportedModelError(
+        f"model class {type(model).__name__} is not supported; supported classes (and their subclasses): "
+        f"{', '.join(supported_classes())}"
+    )
+
+
 def grid_cell_index(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, leading: list[int]
 ) -> torch.Tensor:
@@ -193,6 +232,32 @@ def grid_cell_index(
         grid = visual[row].nonzero().squeeze(1)[leading[row] :]
         cells[row, grid] = torch.arange(grid.numel(), device=input_ids.device)
     return cells
+
+
+def question_weights(cell_of: torch.Tensor) -> torch.Tensor:
+    """`(batch, count)` weights over each row's last `count` prompt positions: 1 on the tokens after the row's
+    image (the question's rows), 0 elsewhere. `cell_of` marks grid tokens with their cell (-1 for others)."""
+    batch, length = cell_of.shape
+    last_visual = []
+    for row in range(batch):
+        grid = (cell_of[row] >= 0).nonzero()
+        if grid.numel() == 0 or int(grid.max()) == length - 1:
+            raise LocalizerError(
+                f"row {row}: no text tokens after the image, so there is no question to rate the visual tokens; "
+                "put the image before the question in the prompt"
+            )
+        last_visual.append(int(grid.max()))
+    count = length - 1 - min(last_visual)
+    weights = torch.zeros(batch, count, device=cell_of.device)
+    for row in range(batch):
+        weights[row, count - (length - 1 - last_visual[row]) :] = 1.0
+    return weights
+
+
+def pool_rows(attention: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`(batch, heads, length)`: attention `(batch, heads, count, length)` averaged over rows with `weights`."""
+    weights = weights.to(attention.device, attention.dtype)
+    return (attention * weights[:, None, :, None]).sum(2) / weights.sum(1)[:, None, None]
 
 
 def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
