@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from crop.region import Viewport
 from crop.tiny import build_model, build_processor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
@@ -45,6 +46,12 @@ def model(request):
 @pytest.fixture(scope="session")
 def sdpa_model():
     return build_model(attn_implementation="sdpa")
+
+
+def on_grid(regions: list) -> dict:
+    """`regions` given as boxes on the processed image (the token grid's frame), with the viewports that say so:
+    LLaVA's processor crops each image by its size, so regions without viewports are refused."""
+    return {"regions": regions, "viewports": [Viewport()] * len(regions)}
 
 
 def batch_inputs(processor, size: int, padded: bool = True) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from conftest import on_grid
 
 
 def causal_mask(length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -62,7 +63,7 @@ def greedy_by_recompute(pruned, inputs: dict, regions, steps: int) -> torch.Tens
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     for _ in range(steps):
         output, _ = pruned(
-            input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"], regions=regions, use_cache=False
+            input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"], **on_grid(regions), use_cache=False
         )
         next_token = output.logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, next_token], dim=1)
@@ -114,7 +115,7 @@ def full_region_logits_match(model, processor, inputs: dict) -> list[int]:
         expected = model(**inputs).logits
     pruned = crop.apply(model, processor, ilp=2)
     try:
-        output, stats = pruned(**inputs, regions=[Region.full()] * batch)
+        output, stats = pruned(**inputs, **on_grid([Region.full()] * batch))
     finally:
         pruned.remove()
     real = inputs["attention_mask"].bool()

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import on_grid
 from transformers import LogitsProcessorList
 
 from crop.bench import SHAPES, StepClock, kv_cache_bytes, prefill_flops
@@ -58,7 +59,7 @@ def test_depth_profile_ideal_computes_what_ilp_computes():
     ideal_cache = _profile_ideal_prefill(model, inputs, half, 2)()["cache"]
     pruned = crop.apply(model, None, ilp=2)
     try:
-        output, stats = pruned(**inputs, regions=[Region(0.0, 0.0, 1.0, 0.5)], use_cache=True)
+        output, stats = pruned(**inputs, **on_grid([Region(0.0, 0.0, 1.0, 0.5)]), use_cache=True)
     finally:
         pruned.remove()
     assert stats.rows[0].kept_tokens == half

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch_inputs
+from conftest import batch_inputs, on_grid
 from reference import greedy_by_recompute, merged_embeddings, run_layers, unpadded_row
 
 import crop
@@ -32,7 +32,7 @@ def test_whole_image_region_equals_unmodified_model(model, processor, batch):
         expected = model(**inputs).logits
     pruned = crop.apply(model, processor, ilp=K)
     try:
-        output, stats = pruned(**inputs, regions=[Region.full()] * batch)
+        output, stats = pruned(**inputs, **on_grid([Region.full()] * batch))
     finally:
         pruned.remove()
     real = inputs["attention_mask"].bool()
@@ -47,7 +47,7 @@ def test_ilp_equals_hand_run_reference_and_batch_equals_rows(model, processor, b
     regions = [Region.from_grid(box) for box in ([0, 0, 3, 3], [2, 1, 7, 7], [5, 5, 5, 6])][:batch]
     pruned = crop.apply(model, processor, ilp=K)
     try:
-        output, stats = pruned(**inputs, regions=regions)
+        output, stats = pruned(**inputs, **on_grid(regions))
     finally:
         pruned.remove()
     image_token = model.config.image_token_id
@@ -68,7 +68,7 @@ def test_pruning_changes_logits(sdpa_model, processor):
         full = sdpa_model(**inputs).logits[0, -1]
     pruned = crop.apply(sdpa_model, processor, ilp=K)
     try:
-        output, _ = pruned(**inputs, regions=[QUARTER])
+        output, _ = pruned(**inputs, **on_grid([QUARTER]))
     finally:
         pruned.remove()
     assert (output.logits[0, -1] - full).abs().max() > 1e-3
@@ -82,7 +82,7 @@ def test_generation_with_cache_equals_recomputing_prefix(model, processor, batch
     steps = 6
     try:
         sequences, _ = pruned.generate(
-            **inputs, regions=regions, max_new_tokens=steps, do_sample=False, min_new_tokens=steps
+            **inputs, **on_grid(regions), max_new_tokens=steps, do_sample=False, min_new_tokens=steps
         )
         ids = greedy_by_recompute(pruned, inputs, regions, steps)
     finally:
@@ -94,7 +94,7 @@ def test_quarter_region_keeps_exactly_its_tokens_in_the_cache(model, processor):
     inputs = batch_inputs(processor, 1)
     pruned = crop.apply(model, processor, ilp=K)
     try:
-        output, stats = pruned(**inputs, regions=[QUARTER], use_cache=True)
+        output, stats = pruned(**inputs, **on_grid([QUARTER]), use_cache=True)
     finally:
         pruned.remove()
     input_ids, pixel_values = unpadded_row(inputs, 0)
@@ -133,7 +133,7 @@ def test_quarter_region_keeps_exactly_its_tokens_in_the_cache(model, processor):
 
 
 def test_sampling_and_beam_search_run(sdpa_model, processor):
-    inputs = batch_inputs(processor, 2)
+    inputs = {**batch_inputs(processor, 2), "viewports": [crop.Viewport()] * 2}
     pruned = crop.apply(sdpa_model, processor, localizer=crop.FixedLocalizer([1, 1, 4, 4]), ilp=K)
     try:
         torch.manual_seed(0)
@@ -169,7 +169,7 @@ def test_layer_zero_drops_tokens_before_the_llm(model, processor, plc):
     inputs = batch_inputs(processor, 2)
     regions = [QUARTER, Region.from_grid([3, 3, 6, 7])]
     pruned = crop.apply(model, processor, ilp=0, plc=plc)
-    output, stats = pruned(**inputs, regions=regions)
+    output, stats = pruned(**inputs, **on_grid(regions))
     image_token = model.config.image_token_id
     for row, region in enumerate(regions):
         input_ids, pixel_values = unpadded_row(inputs, row)
@@ -192,7 +192,7 @@ def test_llava15_grid_and_cls_token():
         inputs = batch_inputs(processor, 1)
         assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 576 + leading
         pruned = crop.apply(model, processor, ilp=K)
-        output, stats = pruned(**inputs, regions=[QUARTER])
+        output, stats = pruned(**inputs, **on_grid([QUARTER]))
         assert stats.rows[0].kept_tokens == 144 + leading
         input_ids, pixel_values = unpadded_row(inputs, 0)
         keep = torch.ones(input_ids.shape[1], dtype=torch.bool)
@@ -220,8 +220,8 @@ def test_bfloat16_model(processor):
         expected = model(**inputs).logits
     pruned = crop.apply(model, processor, ilp=K)
     try:
-        output, _ = pruned(**inputs, regions=[Region.full()] * 3)
-        sequences, stats = pruned.generate(**inputs, regions=[QUARTER] * 3, max_new_tokens=3)
+        output, _ = pruned(**inputs, **on_grid([Region.full()] * 3))
+        sequences, stats = pruned.generate(**inputs, **on_grid([QUARTER] * 3), max_new_tokens=3)
     finally:
         pruned.remove()
     real = inputs["attention_mask"].bool()

@@ -56,9 +56,8 @@ def test_the_checker_sees_an_import(tmp_path):
 
 
 def test_a_subclass_of_a_supported_class_is_supported(sdpa_model, processor):
-    from transformers import LlavaForConditionalGeneration
-
     from conftest import batch_inputs
+    from transformers import LlavaForConditionalGeneration
 
     class MyLlava(LlavaForConditionalGeneration):
         pass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch_inputs
+from conftest import batch_inputs, on_grid
 from reference import merged_embeddings, run_layers, unpadded_row
 
 import crop
@@ -93,7 +93,7 @@ def test_crop_budget_mode_keeps_exactly_n_region_first(model, processor):
     inputs = batch_inputs(processor, 2)
     pruned = crop.apply(model, processor, method=CROP(ILP(2), budget=50))
     try:
-        _, stats = pruned(**inputs, regions=[Region.from_grid([0, 0, 3, 3])] * 2)
+        _, stats = pruned(**inputs, **on_grid([Region.from_grid([0, 0, 3, 3])] * 2))
     finally:
         pruned.remove()
     assert [row.kept_tokens for row in stats.rows] == [50, 50]

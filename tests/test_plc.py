@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch_inputs
+from conftest import batch_inputs, on_grid
 from reference import greedy_by_recompute, merged_embeddings, run_layers, unpadded_row
 
 import crop
@@ -89,7 +89,7 @@ def test_plc_whole_image_equals_unmodified_model(model, processor, batch):
     with torch.no_grad():
         expected = model(**inputs).logits
     pruned = crop.apply(model, processor, ilp=None, plc=4)
-    output, _ = pruned(**inputs, regions=[Region.full()] * batch)
+    output, _ = pruned(**inputs, **on_grid([Region.full()] * batch))
     real = inputs["attention_mask"].bool()
     torch.testing.assert_close(output.logits[real], expected[real], atol=1e-5, rtol=0)
 
@@ -101,7 +101,7 @@ def test_plc_logits_match_reference(model, processor, position, ilp):
     ratio = 3
     pruned = crop.apply(model, processor, ilp=ilp, plc=PLC(ratio=ratio, position=position))
     try:
-        output, stats = pruned(**inputs, regions=regions)
+        output, stats = pruned(**inputs, **on_grid(regions))
     finally:
         pruned.remove()
     image_token = model.config.image_token_id
@@ -136,7 +136,9 @@ def test_plc_generation_with_cache_equals_recomputing(sdpa_model, processor):
     regions = [Region.from_grid([0, 0, 3, 3]), Region.from_grid([4, 0, 7, 7])]
     pruned = crop.apply(sdpa_model, processor, ilp=2, plc=4)
     try:
-        sequences, _ = pruned.generate(**inputs, regions=regions, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        sequences, _ = pruned.generate(
+            **inputs, **on_grid(regions), max_new_tokens=4, min_new_tokens=4, do_sample=False
+        )
         ids = greedy_by_recompute(pruned, inputs, regions, 4)
     finally:
         pruned.remove()

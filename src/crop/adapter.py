@@ -128,6 +128,11 @@ class ModelAdapter(ABC):
     def viewport(self, processor: Any, image_size: tuple[int, int]) -> Viewport:
         """Where an image of `(width, height)` lands on the token grid after the processor."""
 
+    def viewport_varies(self, processor: Any) -> bool:
+        """Whether where an image lands on the grid depends on its size in a way the processor's outputs do not
+        record (a center crop, padding to a square): regions then need viewports from `viewport`."""
+        return False
+
     def image_features(self, inputs: dict[str, Any]) -> list[torch.Tensor]:
         """Each image's projected visual tokens `(tokens, dim)`, as the LLM would receive them, from the
         processor's `inputs` (pre-LLM methods)."""

@@ -34,17 +34,12 @@ from transformers import (
 import crop
 from crop.errors import ConfigError
 from crop.localize.attention import AttentionLocalizer
-from crop.region import Region
+from crop.region import Region, Viewport
 from crop.strategies.base import Method
 from crop.strategies.crop_fused import FusedCROP
 from crop.strategies.crop_method import CROP
-from crop.strategies.fastv import FastV
 from crop.strategies.ilp import ILP
-from crop.strategies.pooling import UniformPooling
-from crop.strategies.pyramid_drop import PyramidDrop
-from crop.strategies.random_select import RandomSelection
-from crop.strategies.sparsevlm import SparseVLM
-from crop.strategies.visionzip import VisionZip
+from crop.strategies.registry import build_method, table_methods
 
 IMAGE_TOKEN = 32000
 TEXT_TOKENS = 40
@@ -296,12 +291,7 @@ def cases(shape: Shape, budgets: list[int], region: Region) -> list[Case]:
             Case("crop-attn-2pass", str(n), lambda n=n: CROP(ILP(2), budget=n), localizer=two_pass),
             Case("crop-fused", str(n), lambda n=n: FusedCROP(2, budget=n)),
             Case("crop-grid-loc", str(n), lambda n=n: CROP(ILP(2), budget=n), localizer=grid_localizer),
-            Case("fastv", str(n), lambda n=n: FastV(budget=n, layer=2)),
-            Case("pyramiddrop", str(n), lambda n=n: PyramidDrop(budget=n)),
-            Case("sparsevlm", str(n), lambda n=n: SparseVLM(budget=n)),
-            Case("visionzip", str(n), lambda n=n: VisionZip(n)),
-            Case("random", str(n), lambda n=n: RandomSelection(n)),
-            Case("pool", str(n), lambda n=n: UniformPooling(n)),
+            *[Case(name, str(n), lambda n=n, name=name: build_method(name, budget=n)) for name in table_methods()],
             Case("ideal", str(n), None, ideal_tokens=n),
             Case("ideal-k2", str(n), None, ideal_tokens=n, ideal_layer=2),
         ]
@@ -395,7 +385,7 @@ def _measure(model: Any, inputs: dict, case: Case, shape: Shape, new_tokens: int
         prefill_call, generate_call = _ideal_calls(model, inputs, case.ideal_tokens)
         per_layer = [case.ideal_tokens] * shape.llm_layers
     else:
-        method = case.method() if case.method is not None else CROP(None, None)
+        method = case.method() if case.method is not None else build_method("full")
         pruned = crop.apply(model, None, method=method)
         localizer = case.localizer(model, inputs) if case.localizer is not None else None
 
@@ -406,9 +396,10 @@ def _measure(model: Any, inputs: dict, case: Case, shape: Shape, new_tokens: int
                 return [region]
             return [case.region or Region.full()] if method.needs_region else None
 
-        prefill_call = lambda: pruned(**inputs, regions=regions(), use_cache=True)  # noqa: E731
+        frame = [Viewport()]  # regions are boxes on the bench's square grid
+        prefill_call = lambda: pruned(**inputs, regions=regions(), viewports=frame, use_cache=True)  # noqa: E731
         generate_call = lambda steps, clock: pruned.generate(  # noqa: E731
-            **inputs, regions=regions(), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+            **inputs, regions=regions(), viewports=frame, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
             logits_processor=LogitsProcessorList([clock]),
         )  # fmt: skip
     clock = StepClock(device)

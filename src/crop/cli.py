@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--localizer",
         help="directory of a grid-box localizer VLM (GridVLMLocalizer); 'attention': the model's own attention at "
-        "layer K-1 in a second pass (AttentionLocalizer); 'attention-fused': the same inside the pruned prefill",
+        "layer K-1 in a second pass (AttentionLocalizer); 'attention-fused': the same inside the pruned prefill; "
+        "'default': the model itself if trained to localize (crop_localizer.json beside it), else 'attention'",
     )
     _add_pruning_args(ask)
     ask.add_argument("--overlay", type=Path, help="write the image with the region and kept tokens drawn (PNG)")
@@ -189,7 +190,7 @@ def _crop_model(model, processor, args: argparse.Namespace | None, localizer=Non
     from crop.strategies.registry import build_method
 
     if args is None:
-        return crop.apply(model, processor, ilp=None, plc=None)
+        return crop.apply(model, processor, method="full")
     layer = -1 if args.no_ilp else args.ilp_layer
     method = build_method(
         args.method, budget=args.budget, layer=layer, plc_ratio=args.plc_ratio or None, learned_plc=args.learned_plc
@@ -269,19 +270,18 @@ def _run_methods(args: argparse.Namespace) -> int:
 def _run_ask(args: argparse.Namespace) -> int:
     from crop.image import load_image
     from crop.loading import load_model
-    from crop.localize import AttentionLocalizer, GridVLMLocalizer
+    from crop.localize.by_name import localizer_by_name
     from crop.region import Region
     from crop.visualize import draw_overlay
 
     image = load_image(args.image)
     model, processor = load_model(args.model, attn_implementation=args.attn)
-    if args.localizer == "attention-fused":
-        args.method, localizer = "crop-fused", None
-    elif args.localizer == "attention":
-        localizer = AttentionLocalizer(model, processor, layer=max(0, args.ilp_layer - 1))
-    else:
-        localizer = GridVLMLocalizer.from_pretrained(args.localizer) if args.localizer else None
     region = Region.from_grid(args.region) if args.region else None
+    localizer = None
+    if args.localizer == "attention-fused":
+        args.method = "crop-fused"
+    elif args.localizer:
+        localizer = localizer_by_name(args.localizer, model, processor, layer=args.ilp_layer, model_path=args.model)
     pruned = _crop_model(model, processor, args, localizer)
     answer = pruned.ask(image, args.question, region=region, max_new_tokens=args.max_new_tokens)
     if answer.stats.rows[0].region is not None:
@@ -303,13 +303,13 @@ def _run_ask(args: argparse.Namespace) -> int:
 
 def _run_demo(args: argparse.Namespace) -> int:
     from crop.loading import load_model
-    from crop.localize import GridVLMLocalizer
+    from crop.localize.by_name import localizer_by_name
     from crop.region import Region
     from crop.synth.scene import make_sample
     from crop.visualize import draw_overlay
 
     model, processor = load_model(args.model, attn_implementation=args.attn)
-    localizer = GridVLMLocalizer.from_model(model, processor, args.model)
+    localizer = localizer_by_name("default", model, processor, layer=args.ilp_layer, model_path=args.model)
     sample = make_sample("test", args.seed)
     print(f"model: {args.model}")
     print(f"question: {sample.question}  (true answer: {sample.answer}, answer region {list(sample.region.to_grid())})")

@@ -11,8 +11,7 @@ from PIL import Image
 import crop
 from crop.errors import ConfigError, ImageError
 from crop.image import load_image
-from crop.localize import AttentionLocalizer, GridVLMLocalizer, Localizer
-from crop.localize.grid_vlm import LOCALIZER_SETTINGS
+from crop.localize import Localizer
 from crop.region import Region
 from crop.stats import RowStats
 from crop.strategies.registry import build_method
@@ -48,16 +47,6 @@ class Comparison:
         return self.pruned.stats.region
 
 
-def default_localizer(model: Any, processor: Any, model_path: str | Path, localizer_path: str | None) -> Localizer:
-    """The localizer a demo uses: `localizer_path` if given, the model itself if it was trained to localize
-    (a `crop_localizer.json` beside it, as the shipped synthetic model), else the training-free attention one."""
-    if localizer_path:
-        return GridVLMLocalizer.from_pretrained(localizer_path)
-    if (Path(model_path) / LOCALIZER_SETTINGS).is_file():
-        return GridVLMLocalizer.from_model(model, processor, model_path)
-    return AttentionLocalizer(model, processor)
-
-
 def checked_image(image: Image.Image | str | Path | None) -> Image.Image:
     """The image as RGB, or `ImageError` for none at all or one too large to be worth processing."""
     if image is None:
@@ -87,7 +76,7 @@ def compare(
     if not question or not question.strip():
         raise ConfigError("empty question: type a question about the image")
     pruning = build_method(method, budget=budget, layer=layer)
-    full_model = crop.apply(model, processor, ilp=None, plc=None)
+    full_model = crop.apply(model, processor, method="full")
     pruned_model = crop.apply(model, processor, localizer=localizer if pruning.needs_region else None, method=pruning)
     try:
         full = _answer(full_model, picture, question, Region.full(), max_new_tokens)
@@ -110,7 +99,7 @@ def compare(
 
 def warm_up(model: Any, processor: Any) -> None:
     """One unpruned forward pass, so that the first timed prefill does not pay for lazy initialisation."""
-    full_model = crop.apply(model, processor, ilp=None, plc=None)
+    full_model = crop.apply(model, processor, method="full")
     full_model(**full_model.prepare(Image.new("RGB", (224, 224), (128, 128, 128)), "warm up", [Region.full()]))
 
 

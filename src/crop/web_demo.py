@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crop.compare import Comparison, compare, default_localizer, warm_up
+from crop.compare import Comparison, compare, warm_up
 from crop.errors import CropError
 from crop.loading import load_model
+from crop.localize.by_name import localizer_by_name
 from crop.strategies.registry import METHODS
 from crop.synth.scene import make_sample
 
@@ -39,7 +40,8 @@ class LoadedModel:
     def load(cls, path: str, localizer_path: str | None = None, attn: str = "sdpa") -> LoadedModel:
         model, processor = load_model(path, attn_implementation=attn)
         warm_up(model, processor)
-        return cls(path, model, processor, default_localizer(model, processor, path, localizer_path))
+        localizer = localizer_by_name(localizer_path or "default", model, processor, model_path=path)
+        return cls(path, model, processor, localizer)
 
     @property
     def visual_tokens(self) -> int | None:

@@ -16,6 +16,7 @@ from PIL import Image
 import crop
 from crop.errors import ConfigError
 from crop.loading import load_model
+from crop.localize.by_name import localizer_by_name
 from crop.prompting import build_prompt
 from crop.region import Region
 from crop.strategies.registry import build_method
@@ -82,15 +83,12 @@ class CropLMM(lmms):
 
     def _localizer(self, name: str, layer: int) -> crop.Localizer:
         """The region finder a region-based method needs: the model's own attention at K-1, or a grid-box VLM."""
-        if name.lower() == "none":
+        localizer = localizer_by_name(name, self.model, self.processor, layer=layer)
+        if localizer is None:
             raise ConfigError(
                 f"{self.method.describe()} needs a contextual region: use localizer=attention or localizer=<directory "
                 "of a grid-box localizer VLM>, or a method that needs none (e.g. method=crop-fused or fastv)"
             )
-        if name.lower() == "attention":
-            return crop.AttentionLocalizer(self.model, self.processor, layer=max(0, layer - 1))
-        localizer = crop.GridVLMLocalizer.from_pretrained(name)
-        localizer.model.to(self._device)
         return localizer
 
     def generate_until(self, requests: list[Any]) -> list[str]:
@@ -133,10 +131,10 @@ class CropLMM(lmms):
         images = [self._image(*request) for request in zip(doc_to_visuals, doc_ids, tasks, splits, strict=True)]
         questions = [self._question(context) for context in contexts]
         gen_kwargs = all_gen_kwargs[0]
-        inputs = self.pruned.prepare(images, questions, regions=self._regions(images, questions))
-        inputs = {key: self._to_device(value) for key, value in inputs.items()}
-        prompt_length = inputs["input_ids"].shape[1]
-        sequences, stats = self.pruned.generate(**inputs, **self._generation_options(gen_kwargs))
+        request = self.pruned.prepare(images, questions, regions=self._regions(images, questions))
+        request = request.to(self._device, self.model.dtype)
+        prompt_length = request["input_ids"].shape[1]
+        sequences, stats = self.pruned.generate(request, **self._generation_options(gen_kwargs))
         self.kept_tokens += [row.kept_tokens for row in stats.rows]
         texts = self.processor.batch_decode(sequences[:, prompt_length:], skip_special_tokens=True)
         until = gen_kwargs.get("until") or []

@@ -21,7 +21,6 @@ from tqdm import tqdm
 from crop.errors import ConfigError
 from crop.evaluation.tasks import EvalSample, Task, get_task
 from crop.image import load_image
-from crop.region import Region
 
 logger = logging.getLogger(__name__)
 
@@ -137,25 +136,20 @@ def read_records(out: Path) -> dict[str, dict]:
 
 
 def _pruned_model(config: RunConfig, model: Any, processor: Any) -> Any:
-    """The model with the run's method attached (nothing pruned for `full`)."""
+    """The model with the run's method attached (nothing pruned for `full`) and the run's localizer."""
     import crop
-    from crop.localize import AttentionLocalizer, GridVLMLocalizer
+    from crop.localize.by_name import localizer_by_name
     from crop.strategies.registry import build_method
 
-    if config.method == FULL:
-        return crop.apply(model, processor, ilp=None, plc=None)
     method = build_method(
         config.method, budget=config.budget, layer=config.layer, plc_ratio=config.plc_ratio,
         learned_plc=config.learned_plc,
     )  # fmt: skip
     localizer = None
     if method.needs_region:
-        if config.localizer == "none":
+        localizer = localizer_by_name(config.localizer, model, processor, layer=config.layer)
+        if localizer is None:
             raise ConfigError(f"{method.describe()} needs a region: use --localizer attention or a localizer path")
-        if config.localizer == "attention":
-            localizer = AttentionLocalizer(model, processor, layer=max(0, config.layer - 1))
-        else:
-            localizer = GridVLMLocalizer.from_pretrained(config.localizer)
     return crop.apply(model, processor, localizer=localizer, method=method)
 
 
@@ -189,11 +183,9 @@ def _answer_all(
 def _answer_batch(task: Task, config: RunConfig, pruned: Any, batch: list[tuple[int, EvalSample]]) -> list[dict]:
     samples = [sample for _, sample in batch]
     images = [load_image(sample.image) for sample in samples]
-    regions = [Region.full()] * len(samples) if config.method == FULL else None
-    inputs = pruned.prepare(images, [task.prompt(sample) for sample in samples], regions)
-    inputs = {k: v.to(pruned.model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    length = inputs["input_ids"].shape[1]
-    sequences, stats = pruned.generate(**inputs, max_new_tokens=config.max_new_tokens, do_sample=False)
+    request = pruned.prepare(images, [task.prompt(sample) for sample in samples]).to(pruned.model.device)
+    length = request["input_ids"].shape[1]
+    sequences, stats = pruned.generate(request, max_new_tokens=config.max_new_tokens, do_sample=False)
     texts = pruned.processor.batch_decode(sequences[:, length:], skip_special_tokens=True)
     records = []
     for (index, sample), text, row in zip(batch, texts, stats.rows, strict=True):

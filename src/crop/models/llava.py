@@ -38,6 +38,13 @@ class LlavaAdapter(ModelAdapter):
             return Viewport.center_crop(width, height)
         return Viewport()
 
+    def viewport_varies(self, processor: Any) -> bool:
+        """The processor center-crops or pads each image by its size (unknown without one: assume it does)."""
+        image_processor = getattr(processor, "image_processor", processor)
+        return processor is None or any(
+            getattr(image_processor, flag, False) for flag in ("do_pad", "do_center_crop")
+        )
+
     def image_features(self, inputs: dict[str, Any]) -> list[torch.Tensor]:
         config = self.model.config
         output = self.model.model.get_image_features(

@@ -1,25 +1,34 @@
-"""The interface every pruning method implements: what it keeps before the LLM and from which layer on."""
+"""The two contracts a pruning method implements: one for methods that act before the LLM (they return the
+tokens the LLM gets), one for methods that act inside it (their stage layers and a decision per stage).
+
+A method holds settings only. Whatever depends on the model it is attached to (default stage layers) is resolved
+by `bind`, which returns a new object; what a method needs to decide (features, the region, attention, hidden
+states) it asks of the per-call context it is handed (`crop.strategies.context`).
+"""
 
 from __future__ import annotations
 
-import copy
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from crop.errors import ConfigError
+from crop.region import Region
 from crop.stats import DROPPED, FINE
 from crop.strategies.plc import Compressed
+
+if TYPE_CHECKING:
+    from crop.strategies.context import ImageContext, StageRow
 
 
 @dataclass
 class Selection:
-    """One row's decision.
+    """One image's decision on its grid tokens.
 
-    `compressed`: the grid tokens that replace the image's before the LLM (None: the LLM gets the full grid).
-    `keep`: per LLM-input grid token, whether it survives from layer `Method.layer` on.
+    `compressed`: the tokens that replace the image's before the LLM (None: the LLM gets the full grid).
+    `keep`: per grid token (or, with `compressed`, per compressed token), whether it survives an in-LLM stage.
     `cells`: per grid cell, FINE / POOLED / DROPPED at the end (for stats and overlays).
     """
 
@@ -28,95 +37,88 @@ class Selection:
     cells: torch.Tensor
 
 
-class Method(ABC):
-    """A visual-token pruning method.
+@dataclass
+class Decision:
+    """One row's decision at one in-LLM stage, over the grid tokens that reached it (`StageRow.tokens`).
 
-    `layer`: the decoder layer from which tokens not in `Selection.keep` are dropped (None: no in-LLM dropping).
-    `needs_region`: whether `select` uses the contextual region. `position`: position ids of compressed tokens,
-    `original` (of their first grid cell) or `compact` (renumbered).
+    `keep`: which of them stay. `merges`: index groups (into the same tokens, centre first) whose mean hidden state
+    replaces the centre's, which must be kept. `region`: the region the method found, for methods that find one.
+    """
+
+    keep: torch.Tensor
+    merges: list[torch.Tensor] = field(default_factory=list)
+    region: Region | None = None
+
+
+class Method(ABC):
+    """A visual-token pruning method; `parts()` says what acts before the LLM and what inside it.
+
+    `needs_region`: the method reads the contextual region, so a localizer (or given regions) must supply one.
     """
 
     name: str = ""
     needs_region: bool = False
-    layer: int | None = None
-    position: str = "original"
-    dynamic: bool = False
-    """True for methods that choose during prefill (`rank`) from the attention of the layer before each stage."""
-    queries: str = "last"
-    """Dynamic methods: whose attention ranks the visual tokens, the last prompt token's ("last"), that of every
-    token after the image ("question") or that of the text tokens `raters` picks ("raters"), averaged over rows."""
-    locates: bool = False
-    """Dynamic methods that choose the region themselves during prefill (`locate` instead of `rank`)."""
-    needs_grid: bool = False
-    """Methods that use the 2-D geometry of one image grid (distances, boxes, pooling windows)."""
 
-    @property
-    def stage_layers(self) -> tuple[int, ...]:
-        """The decoder layers at which the method drops tokens (one stage per layer)."""
-        return () if self.layer is None else (self.layer,)
+    @abstractmethod
+    def parts(self) -> tuple[PreLLMMethod | None, InLLMMethod | None]:
+        """`(the step before the LLM, the step inside it)`; either may be None."""
 
-    def rank(self, stage: int, attention: torch.Tensor, cells: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-        """Dynamic methods: which of one row's remaining grid tokens (raster `cells`) stage `stage` keeps, given
-        the last token's `(heads, tokens)` attention to them in the layer before the stage."""
-        raise NotImplementedError(f"{self.name} is not a dynamic method")
-
-    def locate(
-        self, attention: torch.Tensor, cells: torch.Tensor, layout: Any, viewport: Any
-    ) -> tuple[Any, torch.Tensor]:
-        """Methods with `locates`: `(region, which of the ranked tokens stay)` from the rows' attention to the
-        tokens at `cells` of the image's `VisualLayout`."""
-        raise NotImplementedError(f"{self.name} does not locate a region")
-
-    def recycle(
-        self, stage: int, attention: torch.Tensor, keep: torch.Tensor, hidden: torch.Tensor
-    ) -> list[torch.Tensor]:
-        """Dynamic methods that merge dropped tokens: groups of indices (into the ranked tokens, centre first)
-        whose mean hidden state (`hidden`: the stage's input) replaces the centre's. None by default."""
-        return []
-
-    def raters(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Methods with `queries == "raters"`: which text tokens (`text`: their prompt embeddings) rate the
-        visual tokens (`visual`: the grid's embeddings)."""
-        raise NotImplementedError(f"{self.name} does not rank with text raters")
-
-    @property
-    def acts_before_llm(self) -> bool:
-        """Whether `select` returns compressed tokens (it then needs the image features)."""
-        return False
-
-    def encode(self, adapter: Any, inputs: dict[str, Any], leading: int) -> tuple[torch.Tensor, list[Any]]:
-        """For methods acting before the LLM: `(leading token features (B, leading, dim), per-row inputs of
-        select)` from the processor's `inputs`. By default the projected grid features `(rows*cols, dim)` of each
-        row."""
-        features = adapter.image_features(inputs)
-        return torch.stack([f[:leading] for f in features]), [f[leading:] for f in features]
+    def bind(self, num_layers: int) -> Method:
+        """This method for a model with `num_layers` decoder layers, model-dependent defaults resolved in a copy
+        (the method itself never changes, so one object can serve several models)."""
+        return self
 
     def validate(self, num_layers: int, grid_tokens: int | None) -> None:
         """Refuse settings that do not fit the model (a layer out of range, a budget above the grid); `grid_tokens`
-        is None when the grid depends on the image (checked again per call)."""
-        if self.layer is not None and not (isinstance(self.layer, int) and 1 <= self.layer < num_layers):
-            raise ConfigError(
-                f"{self.name}: layer {self.layer!r} is out of range: this model has {num_layers} decoder layers, "
-                f"so it must be an integer in 1..{num_layers - 1}"
-            )
-
-    @abstractmethod
-    def select(
-        self, features: torch.Tensor | None, shape: tuple[int, int], inside: torch.Tensor | None, row: int
-    ) -> Selection:
-        """Decide for row `row` given its `(rows*cols, dim)` grid features, the grid `shape` and the region's
-        `(rows, cols)` cells (None for methods that do not use a region)."""
-
-    def with_budget(self, budget: int) -> Method:
-        """This method with another budget (each grid's share, for images with several grids)."""
-        if getattr(self, "budget", None) is None:
-            raise ConfigError(f"{self.name} has no budget to share")
-        clone = copy.copy(self)
-        clone.budget = budget
-        return clone
+        is None when the grid depends on the image (checked again per call). Nothing to check by default."""
+        return None
 
     def describe(self) -> str:
         return self.name
+
+
+class PreLLMMethod(Method):
+    """Acts before the LLM: replaces each image's grid tokens by the ones `reduce` returns.
+
+    `position`: position ids of the new tokens, `original` (each takes its first grid cell's) or `compact`
+    (the new prompt is numbered consecutively).
+    """
+
+    position: str = "original"
+
+    def parts(self) -> tuple[PreLLMMethod | None, InLLMMethod | None]:
+        return self, None
+
+    @abstractmethod
+    def reduce(self, image: ImageContext) -> Selection:
+        """One image's tokens for the LLM (`Selection.compressed`) and what became of each grid cell."""
+
+
+class InLLMMethod(Method):
+    """Acts inside the LLM: at each of `stage_layers` it keeps some of the grid tokens that reached it.
+
+    `stage_layers` must be resolved (by `bind`) before the method runs.
+    """
+
+    def parts(self) -> tuple[PreLLMMethod | None, InLLMMethod | None]:
+        return None, self
+
+    @property
+    @abstractmethod
+    def stage_layers(self) -> tuple[int, ...]:
+        """The decoder layers at which the method drops tokens (one stage per layer, increasing, >= 1)."""
+
+    @abstractmethod
+    def decide(self, stage: StageRow) -> Decision:
+        """Which of one row's grid tokens stage `stage.stage` keeps (and merges)."""
+
+    def check_layer(self, layer: int | None, num_layers: int) -> None:
+        """Refuse a stage layer outside `1..num_layers - 1`."""
+        if layer is not None and not (isinstance(layer, int) and 1 <= layer < num_layers):
+            raise ConfigError(
+                f"{self.name}: layer {layer!r} is out of range: this model has {num_layers} decoder layers, "
+                f"so it must be an integer in 1..{num_layers - 1}"
+            )
 
 
 def check_budget(name: str, budget: int, grid_tokens: int | None) -> None:
@@ -141,25 +143,20 @@ def keep_cells(
     return Selection(None, keep, state.view(shape))
 
 
-class LastTokenRanking(Method):
-    """Dynamic methods that keep, at each stage, the tokens the last prompt token attends to most (mean over
-    heads) in the layer before the stage; subclasses say how many remain after each stage (`kept_after`)."""
+def top_tokens(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """A boolean mask over `scores` marking its `count` largest entries."""
+    keep = torch.zeros(scores.numel(), dtype=torch.bool)
+    keep[scores.topk(min(count, scores.numel())).indices.cpu()] = True
+    return keep
 
-    dynamic = True
+
+class LastTokenRanking(InLLMMethod):
+    """Methods that keep, at each stage, the tokens the last prompt token attends to most (mean over heads) in
+    the layer before the stage; subclasses say how many remain after each stage (`kept_after`)."""
 
     def kept_after(self, stage: int, grid_tokens: int) -> int:
         raise NotImplementedError
 
-    def select(
-        self, features: torch.Tensor | None, shape: tuple[int, int], inside: torch.Tensor | None, row: int
-    ) -> Selection:
-        """Nothing is known before the forward: every cell is provisionally kept."""
-        count = shape[0] * shape[1]
-        return Selection(None, torch.ones(count, dtype=torch.bool), torch.full(shape, FINE, dtype=torch.long))
-
-    def rank(self, stage: int, attention: torch.Tensor, cells: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-        scores = attention.float().mean(0)
-        count = min(scores.numel(), self.kept_after(stage, shape[0] * shape[1]))
-        keep = torch.zeros(scores.numel(), dtype=torch.bool)
-        keep[scores.topk(count).indices.cpu()] = True
-        return keep
+    def decide(self, stage: StageRow) -> Decision:
+        scores = stage.attention("last").float().mean(0)
+        return Decision(top_tokens(scores, self.kept_after(stage.stage, stage.grid_tokens)))

@@ -10,24 +10,18 @@ from __future__ import annotations
 
 import torch
 
-from crop.adapter import VisualLayout
 from crop.localize.attention import DEFAULT_PENALTY, DEFAULT_ROWS, check_settings, region_from_relevance
-from crop.region import Region, Viewport
-from crop.stats import FINE
-from crop.strategies.base import Method, Selection, check_budget
-from crop.strategies.crop_method import CROP
-from crop.strategies.grids import select_for_layout
-from crop.strategies.ilp import ILP
+from crop.region import Region
+from crop.strategies.base import Decision, InLLMMethod, check_budget
+from crop.strategies.context import ImageContext, StageRow
+from crop.strategies.crop_method import region_budget_keep
 
 
-class FusedCROP(Method):
+class FusedCROP(InLLMMethod):
     """ILP at layer `layer` (K >= 1) with the region from layer K-1's question attention, found in the same
     prefill; `penalty` and `rows` as in `AttentionLocalizer`."""
 
     name = "crop-fused"
-    dynamic = True
-    queries = "question"
-    locates = True
 
     def __init__(
         self, layer: int = 2, penalty: float = DEFAULT_PENALTY, budget: int | None = None, rows: str = DEFAULT_ROWS
@@ -37,35 +31,33 @@ class FusedCROP(Method):
         self.budget = budget
         self.queries = rows
 
+    @property
+    def stage_layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
     def validate(self, num_layers: int, grid_tokens: int | None) -> None:
-        super().validate(num_layers, grid_tokens)
+        self.check_layer(self.layer, num_layers)
         check_settings(
             self.layer - 1, self.penalty, self.queries, num_layers, "crop-fused (its localization layer is K-1)"
         )
         if self.budget is not None:
             check_budget(self.name, self.budget, grid_tokens)
 
-    def select(
-        self, features: torch.Tensor | None, shape: tuple[int, int], inside: torch.Tensor | None, row: int
-    ) -> Selection:
-        """Nothing is known before the forward: every cell is provisionally kept."""
-        count = shape[0] * shape[1]
-        return Selection(None, torch.ones(count, dtype=torch.bool), torch.full(shape, FINE, dtype=torch.long))
+    def decide(self, stage: StageRow) -> Decision:
+        stage.check_question()  # refuses prompts with no text after the image, as two-pass does
+        region, keep = self.locate(stage.attention(self.queries), stage.cells, stage.image)
+        return Decision(keep, region=region)
 
-    def locate(
-        self, attention: torch.Tensor, cells: torch.Tensor, layout: VisualLayout, viewport: Viewport
-    ) -> tuple[Region, torch.Tensor]:
-        """The region from the question rows' `(heads, tokens)` attention to the tokens at `cells` of `layout`
+    def locate(self, attention: torch.Tensor, cells: torch.Tensor, image: ImageContext) -> tuple[Region, torch.Tensor]:
+        """The region from the question rows' `(heads, tokens)` attention to the tokens at `cells` of the image
         (with several grids, the last, highest-resolution one's), and which of those tokens stay."""
+        layout, viewport = image.layout, image.viewport
         relevance = torch.zeros(layout.rows * layout.cols)
         relevance[cells.cpu()] = attention.float().mean(0).cpu()
         grid_relevance, grid_viewport = layout.drawn_grid(relevance.view(layout.rows, layout.cols), viewport)
         region = region_from_relevance(grid_relevance, grid_viewport, self.penalty)
         inside = layout.region_mask(region, viewport)
-        if self.budget is None:
-            keep = inside.reshape(-1)
-        else:
-            keep = select_for_layout(CROP(ILP(self.layer), budget=self.budget), None, layout, inside, 0).keep
+        keep = inside.reshape(-1) if self.budget is None else region_budget_keep(image, self.budget, inside)
         return region, keep[cells.cpu()]
 
     def describe(self) -> str:

@@ -1,12 +1,14 @@
-"""CROP as a method: the region guides PLC before the LLM and/or ILP inside it."""
+"""CROP as a method: the composition of PLC before the LLM and ILP inside it, both guided by the region."""
 
 from __future__ import annotations
 
 import torch
 
-from crop.errors import ConfigError
-from crop.stats import DROPPED, FINE, POOLED
-from crop.strategies.base import Method, Selection, check_budget, keep_cells
+from crop.errors import ConfigError, UnsupportedModelError
+from crop.stats import DROPPED, POOLED
+from crop.strategies.base import Decision, InLLMMethod, Method, PreLLMMethod, Selection, check_budget, keep_cells
+from crop.strategies.context import ImageContext, StageRow
+from crop.strategies.grids import select_for_layout
 from crop.strategies.ilp import ILP
 from crop.strategies.learned_plc import LearnedPLC
 from crop.strategies.plc import PLC, chebyshev_distance
@@ -37,48 +39,22 @@ class CROP(Method):
         self.plc = plc
         self.budget = budget
         self.layer = ilp.layer if ilp is not None and ilp.layer > 0 else None
-        self.position = "original" if plc is None else getattr(plc, "position", "compact")
-        """Learned PLC's query tokens have no cell of their own: their prompt is numbered consecutively."""
+        if ilp is not None and ilp.layer == 0:  # dropping before the LLM leaves nothing outside to compress
+            self.before: PreLLMMethod | None = RegionKeep(budget)
+        elif plc is not None:
+            self.before = RegionCompression(plc, budget, dropped_later=self.layer is not None)
+        else:
+            self.before = None
+        self.inside = RegionPruning(self.layer, budget) if self.layer is not None else None
 
-    @property
-    def acts_before_llm(self) -> bool:
-        return self.plc is not None or (self.ilp is not None and self.ilp.layer == 0)
-
-    @property
-    def needs_grid(self) -> bool:
-        """Budget mode ranks cells by distance to the region and PLC pools windows: both need one 2-D grid."""
-        return self.budget is not None or self.plc is not None
+    def parts(self) -> tuple[PreLLMMethod | None, InLLMMethod | None]:
+        return self.before, self.inside
 
     def validate(self, num_layers: int, grid_tokens: int | None) -> None:
         if self.ilp is not None:
             self.ilp.validate(num_layers)
         if self.budget is not None:
             check_budget(self.name, self.budget, grid_tokens)
-
-    def select(
-        self, features: torch.Tensor | None, shape: tuple[int, int], inside: torch.Tensor | None, row: int
-    ) -> Selection:
-        if inside is None:
-            raise ConfigError("CROP needs a region")
-        if self.budget is not None and self.ilp is not None:
-            return keep_cells(features, budget_cells(inside, self.budget), shape, drop_before_llm=self.layer is None)
-        if self.ilp is not None and self.ilp.layer == 0:
-            return keep_cells(features, inside.reshape(-1).nonzero().squeeze(1), shape, True)
-        outside = DROPPED if self.ilp is not None else (POOLED if self.plc is not None else FINE)
-        cells = torch.where(inside, FINE if self.plc is None else self.plc.region_state, outside)
-        if self.plc is not None:
-            if self.budget is None:
-                compressed = self.plc.compress(features, inside)
-            else:  # only a learned PLC takes a budget (checked in __init__)
-                compressed = self.plc.compress(features, inside, self.budget)
-            keep = (
-                compressed.inside.cpu()
-                if self.ilp is not None
-                else torch.ones(len(compressed.inside), dtype=torch.bool)
-            )
-            return Selection(compressed, keep, cells)
-        keep = inside.reshape(-1) if self.ilp is not None else torch.ones(inside.numel(), dtype=torch.bool)
-        return Selection(None, keep, cells)
 
     def describe(self) -> str:
         if self.budget is not None and self.ilp is not None:
@@ -91,6 +67,94 @@ class CROP(Method):
         if self.ilp is not None:
             parts.append(f"ILP(K={self.ilp.layer})")
         return " + ".join(parts) or "none"
+
+
+class RegionCompression(PreLLMMethod):
+    """CROP's pre-LLM step: PLC keeps the region fine (or compresses it with learned queries) and compresses
+    the rest; `dropped_later` (ILP follows) draws the outside as dropped, since ILP removes it at K."""
+
+    name = "crop"
+    needs_region = True
+
+    def __init__(self, plc: PLC | LearnedPLC, budget: int | None, dropped_later: bool) -> None:
+        self.plc = plc
+        self.budget = budget
+        self.dropped_later = dropped_later
+        self.position = getattr(plc, "position", "compact")
+        """Learned PLC's query tokens have no cell of their own: their prompt is numbered consecutively."""
+
+    def reduce(self, image: ImageContext) -> Selection:
+        if image.layout.is_multi_grid and isinstance(self.plc, LearnedPLC):
+            raise UnsupportedModelError(
+                "learned PLC is trained for one token grid of a fixed size; this model's images have several grids "
+                "of varying sizes (use pooling PLC or ILP)"
+            )
+        return image.per_grid(self._select, self.budget, name=self.plc.describe())
+
+    def _select(
+        self, features: torch.Tensor | None, shape: tuple[int, int], inside: torch.Tensor | None, budget: int | None
+    ) -> Selection:
+        outside = DROPPED if self.dropped_later else POOLED
+        cells = torch.where(inside, self.plc.region_state, outside)
+        if budget is None:
+            compressed = self.plc.compress(features, inside)
+        else:  # only a learned PLC takes a budget (checked by CROP)
+            compressed = self.plc.compress(features, inside, budget)
+        keep = compressed.inside.cpu() if self.dropped_later else torch.ones(len(compressed.inside), dtype=torch.bool)
+        return Selection(compressed, keep, cells)
+
+
+class RegionKeep(PreLLMMethod):
+    """CROP's ILP at K = 0: the region's tokens (or the `budget` nearest its centre) go into the LLM alone."""
+
+    name = "crop"
+    needs_region = True
+
+    def __init__(self, budget: int | None) -> None:
+        self.budget = budget
+
+    def reduce(self, image: ImageContext) -> Selection:
+        if self.budget is None:
+            cells = image.inside.reshape(-1).nonzero().squeeze(1)
+            return keep_cells(image.features, cells, image.shape, drop_before_llm=True)
+        return image.per_grid(self._select, self.budget, name="ILP(K=0)")
+
+    def _select(
+        self, features: torch.Tensor | None, shape: tuple[int, int], inside: torch.Tensor | None, budget: int | None
+    ) -> Selection:
+        return keep_cells(features, budget_cells(inside, budget), shape, drop_before_llm=True)
+
+
+class RegionPruning(InLLMMethod):
+    """CROP's ILP at K >= 1: from layer K on only the region's tokens stay (or the `budget` nearest its centre)."""
+
+    name = "crop"
+    needs_region = True
+
+    def __init__(self, layer: int, budget: int | None) -> None:
+        self.layer = layer
+        self.budget = budget
+
+    @property
+    def stage_layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
+    def decide(self, stage: StageRow) -> Decision:
+        if self.budget is None:
+            return Decision(stage.inside)
+        return Decision(region_budget_keep(stage.image, self.budget)[stage.cells])
+
+
+def region_budget_keep(image: ImageContext, budget: int, inside: torch.Tensor | None = None) -> torch.Tensor:
+    """Per grid token of `image`, whether CROP's budget rule keeps it (the region's mask `inside`, by default the
+    image's), grid by grid on images with several grids."""
+    layout = image.layout
+    mask = image.inside if inside is None else inside
+
+    def select(features: torch.Tensor | None, shape: tuple[int, int], grid_inside: torch.Tensor, n: int) -> Selection:
+        return keep_cells(features, budget_cells(grid_inside, n), shape, drop_before_llm=False)
+
+    return select_for_layout(select, layout, None, mask, budget, before_llm=False, name="ILP budget").keep
 
 
 def budget_cells(inside: torch.Tensor, budget: int) -> torch.Tensor:

@@ -25,8 +25,12 @@ class FastV(LastTokenRanking):
         self.keep_ratio = keep_ratio
         self.layer = layer
 
+    @property
+    def stage_layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
     def validate(self, num_layers: int, grid_tokens: int | None) -> None:
-        super().validate(num_layers, grid_tokens)
+        self.check_layer(self.layer, num_layers)
         if self.budget is not None or grid_tokens is not None:
             check_budget(self.name, self.kept_after(0, grid_tokens), grid_tokens)
 

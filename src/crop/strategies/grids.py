@@ -8,60 +8,73 @@ yields a token, so the LLM still sees where each kept row ends.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from crop.adapter import SEPARATOR, VisualLayout
-from crop.errors import ConfigError, UnsupportedModelError
+from crop.errors import ConfigError
 from crop.stats import DROPPED, FINE
-from crop.strategies.base import Method, Selection
-from crop.strategies.learned_plc import LearnedPLC
+from crop.strategies.base import Selection
 from crop.strategies.plc import Compressed
+
+GridSelect = Callable[[torch.Tensor | None, tuple[int, int], torch.Tensor | None, int | None], Selection]
+"""`(features (rows*cols, dim) or None, (rows, cols), region mask (rows, cols) or None, budget or None) ->
+Selection` on one 2-D grid."""
 
 
 def select_for_layout(
-    method: Method, features: torch.Tensor | None, layout: VisualLayout, inside: torch.Tensor | None, row: int
+    select: GridSelect,
+    layout: VisualLayout,
+    features: torch.Tensor | None,
+    inside: torch.Tensor | None,
+    budget: int | None,
+    before_llm: bool,
+    name: str = "",
 ) -> Selection:
-    """`method.select` on one image: directly on a single grid, grid by grid where the method needs one 2-D grid
-    and the image has several."""
-    if not (layout.is_multi_grid and method.needs_grid):
-        return method.select(features, (layout.rows, layout.cols), inside, row)
-    if isinstance(getattr(method, "plc", None), LearnedPLC):
-        raise UnsupportedModelError(
-            "learned PLC is trained for one token grid of a fixed size; this model's images have several grids "
-            "of varying sizes (use pooling PLC or ILP)"
-        )
-    return _PerGrid(method, features, layout, inside, row).select()
+    """`select` on one image: directly on a single grid, grid by grid (with each grid's share of `budget`) when
+    the image has several. `before_llm`: `select` returns compressed tokens, assembled in placeholder order."""
+    if not layout.is_multi_grid:
+        return select(features, (layout.rows, layout.cols), inside, budget)
+    return _PerGrid(select, features, layout, inside, budget, before_llm, name).select()
 
 
 class _PerGrid:
     """One image's selection assembled from the method run on each of its grids."""
 
     def __init__(
-        self, method: Method, features: torch.Tensor | None, layout: VisualLayout, inside: torch.Tensor | None, row: int
+        self,
+        method: GridSelect,
+        features: torch.Tensor | None,
+        layout: VisualLayout,
+        inside: torch.Tensor | None,
+        budget: int | None,
+        before_llm: bool,
+        name: str,
     ) -> None:
-        self.method, self.features, self.layout, self.row = method, features, layout, row
+        self.method, self.features, self.layout = method, features, layout
+        self.budget, self.before_llm, self.name = budget, before_llm, name
         self.inside = None if inside is None else inside.reshape(-1)
         grid, self.cell_row, _ = layout.cells.unbind(-1)
         self.positions = [(grid == g).nonzero().squeeze(1) for g in range(len(layout.grids))]
         self.separators = (grid == SEPARATOR).nonzero().squeeze(1)
 
     def select(self) -> Selection:
-        budget = getattr(self.method, "budget", None)
-        if budget is None:
-            parts = [self._run(g, self.method) for g in range(len(self.layout.grids))]
+        if self.budget is None:
+            parts = [self._run(g, None) for g in range(len(self.layout.grids))]
         else:
-            parts = self._within_budget(budget)
+            parts = self._within_budget(self.budget)
         return self._assemble(parts)
 
-    def _run(self, grid: int, method: Method | None) -> Selection | None:
-        """The method on grid `grid` alone (None: the grid keeps nothing)."""
-        if method is None:
+    def _run(self, grid: int, budget: int | None) -> Selection | None:
+        """The method on grid `grid` alone with `budget` (a budget below 1: the grid keeps nothing)."""
+        if budget is not None and budget < 1:
             return None
         shape = self.layout.grids[grid]
         positions = self.positions[grid]
         inside = None if self.inside is None else self.inside[positions].view(shape)
         features = None if self.features is None else self.features[positions.to(self.features.device)]
-        return method.select(features, shape, inside, self.row)
+        return self.method(features, shape, inside, budget)
 
     def _within_budget(self, budget: int) -> list[Selection | None]:
         """Per grid, the method with its share of `budget`: the last grid (with the separators) first, fitted so
@@ -75,7 +88,7 @@ class _PerGrid:
         shares = [remaining * count // others for count in counts[:last]] if others else []
         for g in range(remaining - sum(shares) if others else 0):
             shares[g % last] += 1
-        parts = [self._run(g, self._with_budget(min(share, counts[g]))) for g, share in enumerate(shares)]
+        parts = [self._run(g, min(share, counts[g])) for g, share in enumerate(shares)]
         return [*parts, last_part]
 
     def _fit_last(self, target: int) -> tuple[Selection | None, int]:
@@ -83,15 +96,12 @@ class _PerGrid:
         last = len(self.layout.grids) - 1
         sub_budget = min(target, self.positions[last].numel())
         while sub_budget >= 1:
-            part = self._run(last, self._with_budget(sub_budget))
+            part = self._run(last, sub_budget)
             used = _output_count(part) + int(self._rows_used(last, part).sum())
             if used <= target:
                 return part, used
             sub_budget -= used - target
         return None, 0
-
-    def _with_budget(self, budget: int) -> Method | None:
-        return self.method.with_budget(budget) if budget >= 1 else None
 
     def _rows_used(self, grid: int, part: Selection | None) -> torch.Tensor:
         """Per separator, whether its row of `grid` yields a token (compressed) or keeps one (in-LLM)."""
@@ -114,7 +124,7 @@ class _PerGrid:
                 cells[positions] = part.cells.reshape(-1)
         last = len(parts) - 1
         used = self._rows_used(last, parts[last])
-        if self.method.acts_before_llm:
+        if self.before_llm:
             return self._assemble_compressed(parts, used, cells)
         keep = torch.zeros(count, dtype=torch.bool)
         for positions, part in zip(self.positions, parts, strict=True):
@@ -128,7 +138,7 @@ class _PerGrid:
         """Compressed tokens of every grid in placeholder order, each separator after its row's tokens; a
         separator counts as inside (and survives a later ILP) when its row has a token that does."""
         if self.features is None:
-            raise ConfigError(f"{self.method.describe()} acts before the LLM and needs the image features")
+            raise ConfigError(f"{self.name} acts before the LLM and needs the image features")
         features, inside, keep, first = [], [], [], []
         last = len(parts) - 1
         cols = self.layout.grids[last][1]
@@ -150,7 +160,7 @@ class _PerGrid:
             first.append(separators)
             cells[separators] = torch.where(separator_keep, FINE, DROPPED)
         if not features:
-            raise ConfigError(f"{self.method.describe()} left no visual token for this image")
+            raise ConfigError(f"{self.name} left no visual token for this image")
         order = torch.cat(first).argsort()
         compressed = Compressed(
             torch.cat(features)[order.to(self.features.device)], torch.cat(inside)[order], torch.cat(first)[order]

@@ -156,10 +156,23 @@ class Layout:
         return Layout(self.index.gather(1, plan.gather_index), plan.valid)
 
 
-PlanBuilder = Callable[[torch.Tensor, dict[str, Any], Layout, torch.Tensor], KeepPlan]
-"""Builds a stage's plan at prefill from the observed layer's input `(hidden_states, kwargs)`, the stage's layout
-and the hidden states entering the stage; the plan indexes that layout (methods that rank tokens by attention,
-like FastV, observe the layer before; methods that merge dropped tokens, like SparseVLM, read the stage input)."""
+PlanBuilder = Callable[[torch.Tensor, dict[str, Any], Layout, torch.Tensor, torch.Tensor | None], KeepPlan]
+"""Builds a stage's plan at prefill from the observed layer's input `(hidden_states, kwargs)` (the layer just
+before the stage), the stage's layout, the hidden states entering the stage and the prompt embeddings; the plan
+indexes that layout."""
+
+
+@dataclass
+class PrunedCall:
+    """The state of one pruned call, alive only inside `ILPHooks.active`: each stage's plan (or builder), the
+    plans and layouts resolved so far, the observed layers' inputs, and the prompt embeddings."""
+
+    plans: list[KeepPlan | PlanBuilder]
+    resolved: list[KeepPlan] = field(default_factory=list)
+    layouts: list[Layout] = field(default_factory=list)
+    observed: dict[int, tuple[torch.Tensor, dict[str, Any]]] = field(default_factory=dict)
+    embeddings: torch.Tensor | None = None
+    """The first decoder layer's input at prefill (the prompt embeddings)."""
 
 
 class ILPHooks:
@@ -168,33 +181,26 @@ class ILPHooks:
 
     Stage s starts at layer `stage_layers[s]`: there the hidden states are gathered to the stage's kept tokens;
     every later layer gets the rotary embeddings and position ids of its stage's tokens (gathered from the
-    full-length ones the model computes) and the stage's attention mask. The hooks act only while plans are
-    active (`with hooks.active(plans): ...`); each plan is fixed before the call or built during prefill by a
-    `PlanBuilder` from the input of the layer just before its stage.
+    full-length ones the model computes) and the stage's attention mask. The hooks act only while a call is
+    active (`with hooks.active(plans) as call: ...`); each plan is fixed before the call or built during prefill
+    by a `PlanBuilder` from the input of the layer just before its stage.
     """
 
-    def __init__(self, layers: Sequence[nn.Module], stage_layers: Sequence[int], observe: bool = False) -> None:
+    def __init__(self, layers: Sequence[nn.Module], stage_layers: Sequence[int]) -> None:
         self.stage_layers = list(stage_layers)
         if self.stage_layers != sorted(set(self.stage_layers)) or self.stage_layers[0] < 1:
             raise ConfigError(f"pruning stages must start at increasing layers >= 1, got {self.stage_layers}")
-        self._active = False
-        self._plans: list[KeepPlan | PlanBuilder] = []
-        self._resolved: list[KeepPlan] = []
-        self._layouts: list[Layout] = []
-        self._observed: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
-        self.embeddings: torch.Tensor | None = None
-        """With `observe`: the current call's input of the first decoder layer at prefill (the prompt embeddings)."""
+        self._call: PrunedCall | None = None
         first = self.stage_layers[0]
         self._handles = [
             layer.register_forward_pre_hook(self._make_hook(index), with_kwargs=True)
             for index, layer in enumerate(layers)
             if index >= first
         ]
-        if observe:
-            self._handles.append(layers[0].register_forward_pre_hook(self._observe_embeddings, with_kwargs=True))
-            for stage, start in enumerate(self.stage_layers):
-                hook = self._make_observer(stage, start - 1)
-                self._handles.append(layers[start - 1].register_forward_pre_hook(hook, with_kwargs=True))
+        self._handles.append(layers[0].register_forward_pre_hook(self._observe_embeddings, with_kwargs=True))
+        for stage, start in enumerate(self.stage_layers):
+            hook = self._make_observer(stage, start - 1)
+            self._handles.append(layers[start - 1].register_forward_pre_hook(hook, with_kwargs=True))
 
     @property
     def first_pruned(self) -> int:
@@ -206,74 +212,70 @@ class ILPHooks:
         self._handles.clear()
 
     @contextmanager
-    def active(self, plans: KeepPlan | PlanBuilder | Sequence[KeepPlan | PlanBuilder]) -> Iterator[ILPHooks]:
-        """Prune during the block, one plan (or builder) per stage; the hooks are inert after it."""
-        if self._active:
+    def active(self, plans: KeepPlan | PlanBuilder | Sequence[KeepPlan | PlanBuilder]) -> Iterator[PrunedCall]:
+        """Prune during the block, one plan (or builder) per stage; yields the call's state; the hooks are inert
+        after it."""
+        if self._call is not None:
             raise RuntimeError("a pruned call is already running on this model (calls are not re-entrant)")
         plans = [plans] if isinstance(plans, KeepPlan) or callable(plans) else list(plans)
         if len(plans) != len(self.stage_layers):
             raise ConfigError(f"{len(plans)} plans for {len(self.stage_layers)} pruning stages")
-        self._active, self._plans = True, plans
+        self._call = PrunedCall(plans)
         try:
-            yield self
+            yield self._call
         finally:
-            self._active, self._plans, self._resolved, self._layouts, self._observed = False, [], [], [], {}
-            self.embeddings = None
-
-    @property
-    def layouts(self) -> list[Layout]:
-        """The current call's layouts so far: the full prompt, then one per resolved stage."""
-        return list(self._layouts)
+            self._call = None
 
     def _observe_embeddings(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._active and _past_length(kwargs, 0) == 0:
-            self.embeddings = args[0] if args else kwargs["hidden_states"]
+        if self._call is not None and _past_length(kwargs, 0) == 0:
+            self._call.embeddings = args[0] if args else kwargs["hidden_states"]
 
     def _make_observer(self, stage: int, index: int) -> Callable[..., None]:
         def observe(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if self._active and _past_length(kwargs, index) == 0 and not isinstance(self._plans[stage], KeepPlan):
-                self._observed[stage] = (args[0] if args else kwargs["hidden_states"], dict(kwargs))
+            call = self._call
+            if call is not None and _past_length(kwargs, index) == 0 and not isinstance(call.plans[stage], KeepPlan):
+                call.observed[stage] = (args[0] if args else kwargs["hidden_states"], dict(kwargs))
 
         return observe
 
     def _make_hook(self, index: int) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if not self._active:
+            if self._call is None:
                 return None
-            return self._prune_call(index, args, kwargs)
+            return self._prune_call(self._call, index, args, kwargs)
 
         return hook
 
     def _stage_of(self, index: int) -> int:
         return max(s for s, start in enumerate(self.stage_layers) if start <= index)
 
-    def _resolve(self, stage: int, hidden: torch.Tensor) -> None:
+    def _resolve(self, call: PrunedCall, stage: int, hidden: torch.Tensor) -> None:
         """At prefill, fix stage `stage`'s plan (building it if needed) and the layout it leads to."""
         if stage == 0:
-            self._layouts = [Layout.full(hidden.shape[0], hidden.shape[1], hidden.device)]
-        previous = self._layouts[stage]
-        plan = self._plans[stage]
+            call.layouts = [Layout.full(hidden.shape[0], hidden.shape[1], hidden.device)]
+        previous = call.layouts[stage]
+        plan = call.plans[stage]
         if not isinstance(plan, KeepPlan):
-            if stage not in self._observed:
+            if stage not in call.observed:
                 raise RuntimeError(f"pruning stage {stage}: its observed layer did not run before it")
-            observed_hidden, observed_kwargs = self._observed.pop(stage)
-            plan = plan(observed_hidden, observed_kwargs, previous, hidden)
+            observed_hidden, observed_kwargs = call.observed.pop(stage)
+            plan = plan(observed_hidden, observed_kwargs, previous, hidden, call.embeddings)
         plan = plan.expand(hidden.shape[0])
         if hidden.shape[1] != plan.full_length:
             raise RuntimeError(f"pruning plan made for {plan.full_length} tokens, stage {stage} got {hidden.shape[1]}")
-        self._resolved.append(plan)
-        self._layouts.append(previous.then(plan))
+        call.resolved.append(plan)
+        call.layouts.append(previous.then(plan))
 
-    def _prune_call(self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _prune_call(self, call: PrunedCall, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         hidden = args[0] if args else kwargs["hidden_states"]
         stage = self._stage_of(index)
         past = _past_length(kwargs, index)
         incoming_mask = kwargs.get("attention_mask")
         if past == 0:
             if index == self.stage_layers[stage]:
-                self._resolve(stage, hidden)
-                hidden = self._resolved[stage].reduce(hidden)
-            plan, layout = self._resolved[stage], self._layouts[stage + 1]
+                self._resolve(call, stage, hidden)
+                hidden = call.resolved[stage].reduce(hidden)
+            plan, layout = call.resolved[stage], call.layouts[stage + 1]
             cos, sin = kwargs["position_embeddings"]
             kwargs["position_embeddings"] = (_take(cos, layout.index), _take(sin, layout.index))
             if isinstance(kwargs.get("position_ids"), torch.Tensor):
@@ -281,7 +283,7 @@ class ILPHooks:
             if incoming_mask is not None or plan.has_pads:
                 kwargs["attention_mask"] = plan.prefill_mask(hidden.dtype)
         else:
-            plan = self._resolved[stage]
+            plan = call.resolved[stage]
             if incoming_mask is not None or plan.has_pads or hidden.shape[1] > 1:
                 kwargs["attention_mask"] = plan.decode_mask(past, hidden.shape[1], hidden.dtype)
         if args:

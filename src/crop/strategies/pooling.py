@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from crop.stats import POOLED
-from crop.strategies.base import Method, Selection, check_budget
+from crop.strategies.base import PreLLMMethod, Selection, check_budget
+from crop.strategies.context import ImageContext
 from crop.strategies.plc import Compressed
 
 
@@ -19,30 +20,30 @@ def pooled_shape(rows: int, cols: int, budget: int) -> tuple[int, int]:
     return h, w
 
 
-class UniformPooling(Method):
+class UniformPooling(PreLLMMethod):
     """Adaptive average pooling of the `rows x cols` grid to `h x w <= budget` tokens before the LLM.
 
     Each pooled token takes the position id of its window's top-left cell.
     """
 
     name = "pool"
-    needs_grid = True
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
 
-    @property
-    def acts_before_llm(self) -> bool:
-        return True
-
     def validate(self, num_layers: int, grid_tokens: int | None) -> None:
         check_budget(self.name, self.budget, grid_tokens)
 
-    def select(
-        self, features: torch.Tensor | None, shape: tuple[int, int], inside: torch.Tensor | None, row: int
+    def reduce(self, image: ImageContext) -> Selection:
+        """Each of the image's grids pooled to its share of the budget."""
+        return image.per_grid(self.pool, self.budget, name=self.describe())
+
+    def pool(
+        self, features: torch.Tensor | None, shape: tuple[int, int], inside: torch.Tensor | None, budget: int | None
     ) -> Selection:
+        """One `rows x cols` grid average-pooled to `h x w <= budget` tokens."""
         rows, cols = shape
-        h, w = pooled_shape(rows, cols, self.budget)
+        h, w = pooled_shape(rows, cols, budget)
         grid = features.view(rows, cols, -1).permute(2, 0, 1).float()
         pooled = F.adaptive_avg_pool2d(grid[None], (h, w))[0].permute(1, 2, 0).reshape(h * w, -1)
         starts_r = torch.tensor([(i * rows) // h for i in range(h)])

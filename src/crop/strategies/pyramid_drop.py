@@ -9,6 +9,8 @@ and keys, so the model keeps SDPA.
 
 from __future__ import annotations
 
+import copy
+
 from crop.errors import ConfigError
 from crop.strategies.base import LastTokenRanking, check_budget
 
@@ -30,17 +32,22 @@ class PyramidDrop(LastTokenRanking):
         self.budget = budget
 
     @property
-    def layer(self) -> int | None:  # the first stage: where dropping starts
-        return self.layers[0] if self.layers else None
-
-    @property
     def stage_layers(self) -> tuple[int, ...]:
-        return self.layers or ()
+        if self.layers is None:
+            raise ConfigError("PyramidDrop's default stages depend on the model: attach it with crop.apply first")
+        return self.layers
+
+    def bind(self, num_layers: int) -> PyramidDrop:
+        """A copy whose stages, if not given, are the model's quarters (the paper's 8, 16, 24 of 32 layers)."""
+        bound = copy.copy(self)
+        if bound.layers is None:
+            bound.layers = tuple(sorted({max(1, num_layers * q // 4) for q in (1, 2, 3)}))
+        return bound
 
     def validate(self, num_layers: int, grid_tokens: int | None) -> None:
-        if self.layers is None:
-            self.layers = tuple(sorted({max(1, num_layers * q // 4) for q in (1, 2, 3)}))
-        if list(self.layers) != sorted(set(self.layers)) or not all(1 <= x < num_layers for x in self.layers):
+        if self.layers is not None and (
+            list(self.layers) != sorted(set(self.layers)) or not all(1 <= x < num_layers for x in self.layers)
+        ):
             raise ConfigError(
                 f"PyramidDrop layers {self.layers} must be increasing layer indices in 1..{num_layers - 1}"
             )

@@ -1,4 +1,5 @@
-"""Methods by name, so that a comparison is a loop over names: `crop methods` lists them."""
+"""Methods by name, the one list of them: `crop methods`, `crop ask/demo/eval`, `crop bench`, `crop synth eval`,
+the lmms-eval bridge and the web demo all read it, so a method registered here appears in each of them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from crop.strategies.base import Method
 from crop.strategies.crop_fused import FusedCROP
 from crop.strategies.crop_method import CROP
 from crop.strategies.fastv import FastV
+from crop.strategies.full import Full
 from crop.strategies.ilp import ILP
 from crop.strategies.learned_plc import LearnedPLC
 from crop.strategies.plc import PLC
@@ -22,46 +24,81 @@ from crop.strategies.visionzip import VisionZip
 
 
 @dataclass(frozen=True)
+class MethodSettings:
+    """What a command line can say about a method: its budget, layer K (negative: no ILP, for crop), a PLC for
+    crop, and a seed."""
+
+    budget: int | None = None
+    layer: int = 2
+    plc: PLC | LearnedPLC | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class MethodInfo:
+    """A named method: what it does and where it acts (for listings), whether it needs a budget, how to build it
+    from `MethodSettings`, and `tables`: "budget" for a row per budget in the comparison tables (`crop bench`,
+    `crop synth eval`), "own" where those tables write its rows themselves, "none" to leave it out."""
+
     name: str
     summary: str
     acts: str
     needs_budget: bool
-    build: Callable[..., Method]
+    build: Callable[[MethodSettings], Method]
+    tables: str = "budget"
 
 
-def _crop(budget: int | None, layer: int, plc: PLC | LearnedPLC | None, seed: int) -> Method:
-    ilp = None if layer < 0 else ILP(layer)
-    if budget is not None and plc is None:
-        return CROP(ilp, budget=budget)
-    return CROP(ilp, plc, budget=budget)
+METHODS: dict[str, MethodInfo] = {}
 
 
-METHODS: dict[str, MethodInfo] = {
-    info.name: info
-    for info in (
-        MethodInfo("crop", "contextual region: ILP drops outside tokens at layer K, PLC pools them before the LLM",
-                   "inside the LLM at K and/or before it", False, _crop),
-        MethodInfo("crop-fused", "CROP whose region comes from layer K-1's question attention in the same prefill",
-                   "inside the LLM at K", False,
-                   lambda budget, layer, plc, seed: FusedCROP(layer=layer, budget=budget)),
-        MethodInfo("fastv", "top-N by the last token's attention at layer K-1, dropped from layer K",
-                   "inside the LLM at K", True,
-                   lambda budget, layer, plc, seed: FastV(budget=budget, layer=layer)),
-        MethodInfo("pyramiddrop", "staged: at several layers keep the top share by last-token attention",
-                   "inside the LLM at several layers", True,
-                   lambda budget, layer, plc, seed: PyramidDrop(budget=budget)),
-        MethodInfo("sparsevlm", "staged: text raters' attention ranks tokens, dropped ones recycled into merged tokens",
-                   "inside the LLM at several layers", True,
-                   lambda budget, layer, plc, seed: SparseVLM(budget)),
-        MethodInfo("visionzip", "dominant tokens by the vision CLS attention plus merged contextual tokens",
-                   "before the LLM", True, lambda budget, layer, plc, seed: VisionZip(budget)),
-        MethodInfo("random", "N tokens drawn at random (seeded)", "before the LLM", True,
-                   lambda budget, layer, plc, seed: RandomSelection(budget, seed=seed)),
-        MethodInfo("pool", "the grid average-pooled down to N tokens (image downsampling)", "before the LLM", True,
-                   lambda budget, layer, plc, seed: UniformPooling(budget)),
-    )
-}  # fmt: skip
+def register_method(info: MethodInfo) -> MethodInfo:
+    """Add a method under `info.name` (a name already taken is refused)."""
+    if info.name in METHODS:
+        raise ConfigError(f"a method named {info.name!r} is already registered")
+    if info.tables not in ("budget", "own", "none"):
+        raise ConfigError(f"method {info.name!r}: tables must be 'budget', 'own' or 'none', got {info.tables!r}")
+    METHODS[info.name] = info
+    return info
+
+
+def unregister_method(name: str) -> None:
+    """Remove the method `name` (for tests and plugins that registered one for a while)."""
+    METHODS.pop(name, None)
+
+
+def table_methods() -> list[str]:
+    """The methods the comparison tables run at each budget, by name."""
+    return [info.name for info in METHODS.values() if info.tables == "budget"]
+
+
+def _crop(settings: MethodSettings) -> Method:
+    ilp = None if settings.layer < 0 else ILP(settings.layer)
+    if settings.budget is not None and settings.plc is None:
+        return CROP(ilp, budget=settings.budget)
+    return CROP(ilp, settings.plc, budget=settings.budget)
+
+
+for _info in (
+    MethodInfo("full", "no pruning: every visual token at every layer (the reference)", "nowhere", False,
+               lambda s: Full(), tables="own"),
+    MethodInfo("crop", "contextual region: ILP drops outside tokens at layer K, PLC pools them before the LLM",
+               "inside the LLM at K and/or before it", False, _crop, tables="own"),
+    MethodInfo("crop-fused", "CROP whose region comes from layer K-1's question attention in the same prefill",
+               "inside the LLM at K", False, lambda s: FusedCROP(layer=s.layer, budget=s.budget), tables="own"),
+    MethodInfo("fastv", "top-N by the last token's attention at layer K-1, dropped from layer K",
+               "inside the LLM at K", True, lambda s: FastV(budget=s.budget, layer=s.layer)),
+    MethodInfo("pyramiddrop", "staged: at several layers keep the top share by last-token attention",
+               "inside the LLM at several layers", True, lambda s: PyramidDrop(budget=s.budget)),
+    MethodInfo("sparsevlm", "staged: text raters' attention ranks tokens, dropped ones recycled into merged tokens",
+               "inside the LLM at several layers", True, lambda s: SparseVLM(s.budget)),
+    MethodInfo("visionzip", "dominant tokens by the vision CLS attention plus merged contextual tokens",
+               "before the LLM", True, lambda s: VisionZip(s.budget)),
+    MethodInfo("random", "N tokens drawn at random (seeded)", "before the LLM", True,
+               lambda s: RandomSelection(s.budget, seed=s.seed)),
+    MethodInfo("pool", "the grid average-pooled down to N tokens (image downsampling)", "before the LLM", True,
+               lambda s: UniformPooling(s.budget)),
+):  # fmt: skip
+    register_method(_info)
 
 
 def build_method(
@@ -72,7 +109,7 @@ def build_method(
     seed: int = 0,
     learned_plc: str | Path | None = None,
 ) -> Method:
-    """The method `name` with its settings; `budget` is the number of visual tokens kept (all but `crop` need it).
+    """The method `name` with its settings; `budget` is the number of visual tokens kept (methods that need one).
 
     For `crop`, a negative `layer` disables ILP, `plc_ratio` adds pooling PLC and `learned_plc` (a folder holding
     `learned_plc.json` and its weights, as `crop train plc` and `crop synth train` save them) the learned PLC; with
@@ -88,4 +125,4 @@ def build_method(
     if plc_ratio and learned_plc:
         raise ConfigError("give either a PLC pooling ratio or a learned PLC compressor, not both")
     plc = PLC(ratio=plc_ratio) if plc_ratio else (LearnedPLC.from_pretrained(learned_plc) if learned_plc else None)
-    return info.build(budget=budget, layer=layer, plc=plc, seed=seed)
+    return info.build(MethodSettings(budget=budget, layer=layer, plc=plc, seed=seed))

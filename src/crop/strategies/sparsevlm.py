@@ -14,22 +14,22 @@ geometrically from the full grid. The attention rows come from the layer's queri
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from crop.errors import ConfigError
-from crop.stats import FINE
-from crop.strategies.base import Method, Selection, check_budget
+from crop.strategies.base import Decision, InLLMMethod, check_budget, top_tokens
+from crop.strategies.context import StageRow
 
 PAPER_LAYERS = (2, 6, 15)
 PAPER_DEPTH = 32
 
 
-class SparseVLM(Method):
+class SparseVLM(InLLMMethod):
     """Text-rated staged pruning that keeps `budget` visual tokens after the last stage, recycling dropped ones."""
 
     name = "sparsevlm"
-    dynamic = True
-    queries = "raters"
 
     def __init__(
         self,
@@ -48,18 +48,23 @@ class SparseVLM(Method):
         self.cluster_size = cluster_size
 
     @property
-    def layer(self) -> int | None:
-        return self.layers[0] if self.layers else None
-
-    @property
     def stage_layers(self) -> tuple[int, ...]:
-        return self.layers or ()
+        if self.layers is None:
+            raise ConfigError("SparseVLM's default stages depend on the model: attach it with crop.apply first")
+        return self.layers
+
+    def bind(self, num_layers: int) -> SparseVLM:
+        """A copy whose stages, if not given, are the paper's (after layers 2, 6, 15 of 32) scaled to the model."""
+        bound = copy.copy(self)
+        if bound.layers is None:
+            scaled = {min(num_layers - 1, round(x * num_layers / PAPER_DEPTH) + 1) for x in PAPER_LAYERS}
+            bound.layers = tuple(sorted(scaled))
+        return bound
 
     def validate(self, num_layers: int, grid_tokens: int | None) -> None:
-        if self.layers is None:
-            scaled = {min(num_layers - 1, round(x * num_layers / PAPER_DEPTH) + 1) for x in PAPER_LAYERS}
-            self.layers = tuple(sorted(scaled))
-        if list(self.layers) != sorted(set(self.layers)) or not all(1 <= x < num_layers for x in self.layers):
+        if self.layers is not None and (
+            list(self.layers) != sorted(set(self.layers)) or not all(1 <= x < num_layers for x in self.layers)
+        ):
             raise ConfigError(f"SparseVLM layers {self.layers} must be increasing layer indices in 1..{num_layers - 1}")
         check_budget(self.name, self.budget, grid_tokens)
 
@@ -69,13 +74,6 @@ class SparseVLM(Method):
         if stage == stages - 1:
             return self.budget
         return max(self.budget, round(grid_tokens * (self.budget / grid_tokens) ** ((stage + 1) / stages)))
-
-    def select(
-        self, features: torch.Tensor | None, shape: tuple[int, int], inside: torch.Tensor | None, row: int
-    ) -> Selection:
-        """Nothing is known before the forward: every cell is provisionally kept."""
-        count = shape[0] * shape[1]
-        return Selection(None, torch.ones(count, dtype=torch.bool), torch.full(shape, FINE, dtype=torch.long))
 
     def raters(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         relevance = (visual.float() @ text.float().T).softmax(-1).mean(0)
@@ -99,16 +97,17 @@ class SparseVLM(Method):
             count -= 1
         return count
 
-    def rank(self, stage: int, attention: torch.Tensor, cells: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    def decide(self, stage: StageRow) -> Decision:
+        """Rank by the raters' attention in the layer before the stage, keep the top, recycle the best-rated of the
+        dropped into merged tokens (clustered by their hidden states entering the stage)."""
+        attention = stage.attention(self.raters)
         scores = attention.float().mean(0)
-        target = min(scores.numel(), self.kept_after(stage, shape[0] * shape[1]))
-        keep = torch.zeros(scores.numel(), dtype=torch.bool)
-        keep[scores.topk(self.selected(scores.numel(), target)).indices.cpu()] = True
-        return keep
+        target = min(scores.numel(), self.kept_after(stage.stage, stage.grid_tokens))
+        keep = top_tokens(scores, self.selected(scores.numel(), target))
+        return Decision(keep, self.recycle(attention, keep, stage.hidden))
 
-    def recycle(
-        self, stage: int, attention: torch.Tensor, keep: torch.Tensor, hidden: torch.Tensor
-    ) -> list[torch.Tensor]:
+    def recycle(self, attention: torch.Tensor, keep: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Groups of indices (centre first) of the dropped tokens to merge, each into its centre."""
         dropped = (~keep).nonzero().squeeze(1)
         recycled, clusters = self.recycled(dropped.numel())
         if not recycled:

@@ -15,20 +15,19 @@ raster order of the stitched tiles, their CLS tokens and their contextual tokens
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from crop.errors import ConfigError
 from crop.stats import DROPPED, FINE, POOLED
-from crop.strategies.base import Method, Selection, check_budget
+from crop.strategies.base import PreLLMMethod, Selection, check_budget
+from crop.strategies.context import ImageContext
 from crop.strategies.plc import Compressed
 
 CONTEXTUAL_SHARE = 10 / 64
 """The authors' split: 54 dominant + 10 contextual for 64 tokens (108 + 20 for 128, 162 + 30 for 192)."""
 
 
-class VisionZip(Method):
+class VisionZip(PreLLMMethod):
     """Keep `budget` tokens: `budget - contextual` dominant (CLS included) and `contextual` merged ones.
 
     `position="original"` gives each token the position id of its patch (a contextual token: its target's)
@@ -47,32 +46,22 @@ class VisionZip(Method):
         if not 0 <= self.contextual < budget:
             raise ConfigError(f"VisionZip contextual tokens must be in 0..{budget - 1}, got {self.contextual}")
 
-    @property
-    def acts_before_llm(self) -> bool:
-        return True
-
     def validate(self, num_layers: int, grid_tokens: int | None) -> None:
         check_budget(self.name, self.budget, grid_tokens)
 
-    def encode(self, adapter: Any, inputs: dict[str, Any], leading: int) -> tuple[torch.Tensor, list[Any]]:
-        if leading:
+    def reduce(self, image: ImageContext) -> Selection:
+        """Each crop keeps its share of the budget (CLS, dominant, contextual). The first crop's tokens come
+        first; further crops (tiles) follow as the authors order them: their dominant patches in raster order of
+        the stitched tiles, then their CLS tokens, then their contextual tokens."""
+        if image.layout.leading:
             raise ConfigError("VisionZip adds the CLS token itself: use the 'default' feature strategy")
-        crops = adapter.vision_crops(inputs)
-        if self.position == "original" and any(image.cell.shape[0] > 1 for image in crops):
+        vision = image.vision
+        if self.position == "original" and vision.cell.shape[0] > 1:
             raise ConfigError(
                 "VisionZip position='original' needs one crop per image: tile tokens follow the authors' order "
                 "(stitched tiles, then the tiles' CLS and contextual tokens), not their positions; use 'compact'"
             )
-        hidden = crops[0].internals.hidden
-        empty = hidden.new_zeros(len(crops), 0, adapter.model.config.text_config.hidden_size)
-        return empty, [(image, adapter.project) for image in crops]
-
-    def select(self, encoded: Any, shape: tuple[int, int], inside: torch.Tensor | None, row: int) -> Selection:
-        """Each crop keeps its share of the budget (CLS, dominant, contextual). The first crop's tokens come
-        first; further crops (tiles) follow as the authors order them: their dominant patches in raster order of
-        the stitched tiles, then their CLS tokens, then their contextual tokens."""
-        image, project = encoded
-        internals, cell = image.internals, image.cell
+        internals, cell, shape = vision.internals, vision.cell, image.shape
         crops = cell.shape[0]
         if self.budget < crops:
             raise ConfigError(f"VisionZip budget {self.budget} is below one token per crop ({crops} crops)")
@@ -93,11 +82,11 @@ class VisionZip(Method):
         first = [cell[0, :1], cell[0, dominant0 - 1], cell[0, targets0 - 1]]
         if crops > 1:
             tiles = [(c, d) for c in range(1, crops) for d in zipped[c][0].tolist()]
-            tiles.sort(key=lambda pair: int(image.order[pair[0], pair[1] - 1]))
+            tiles.sort(key=lambda pair: int(vision.order[pair[0], pair[1] - 1]))
             tokens += [hidden[c, d][None] for c, d in tiles] + [hidden[1:, 0]] + [zipped[c][1] for c in range(1, crops)]
             first += [cell[c, d - 1][None] for c, d in tiles] + [cell[1:, 0]]
             first += [cell[c, zipped[c][2] - 1] for c in range(1, crops)]
-        features = project(torch.cat(tokens))
+        features = image.project(torch.cat(tokens))
         count = shape[0] * shape[1]
         covered = torch.zeros(count, dtype=torch.bool)
         covered[cell[cell >= 0]] = True

@@ -23,15 +23,10 @@ from crop.region import Region, grid_iou
 from crop.strategies.base import Method
 from crop.strategies.crop_fused import FusedCROP
 from crop.strategies.crop_method import CROP
-from crop.strategies.fastv import FastV
 from crop.strategies.ilp import ILP
 from crop.strategies.learned_plc import CONFIG_NAME, LearnedPLC
 from crop.strategies.plc import PLC
-from crop.strategies.pooling import UniformPooling
-from crop.strategies.pyramid_drop import PyramidDrop
-from crop.strategies.random_select import RandomSelection
-from crop.strategies.sparsevlm import SparseVLM
-from crop.strategies.visionzip import VisionZip
+from crop.strategies.registry import build_method, table_methods
 from crop.synth.model import LOCATE_INSTRUCTION
 from crop.synth.scene import KINDS, PATCH, Sample, make_sample
 
@@ -60,7 +55,7 @@ def variants(
     a trained `compressor`, learned PLC region-sized, with ILP, and capped at each budget with and without its
     anchors (the same weights run with `n_anchor = 0`)."""
     rows = [
-        Variant("full", lambda: CROP(None, None), "full", "all"),
+        Variant("full", lambda: build_method("full"), "full", "all"),
         Variant("crop-ilp", lambda: CROP(ILP(layer)), "predicted", "region"),
         Variant("crop-plc", lambda: CROP(None, PLC(ratio=4)), "predicted", "region"),
         Variant("crop-ilp+plc", lambda: CROP(ILP(layer), PLC(ratio=4)), "predicted", "region"),
@@ -85,12 +80,8 @@ def variants(
         n = round(grid_tokens * fraction)
         rows += [
             Variant("crop-ilp-budget", lambda n=n: CROP(ILP(layer), budget=n), "predicted", label),
-            Variant("fastv", lambda n=n: FastV(budget=n, layer=layer), None, label),
-            Variant("pyramiddrop", lambda n=n: PyramidDrop(budget=n), None, label),
-            Variant("sparsevlm", lambda n=n: SparseVLM(budget=n), None, label),
-            Variant("visionzip", lambda n=n: VisionZip(n), None, label),
-            Variant("random", lambda n=n: RandomSelection(n), None, label),
-            Variant("pool", lambda n=n: UniformPooling(n), None, label),
+            *[Variant(name, lambda n=n, name=name: build_method(name, budget=n, layer=layer), None, label)
+              for name in table_methods()],
         ]
         if compressor is not None:
             rows += [

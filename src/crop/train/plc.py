@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
@@ -31,7 +33,7 @@ from crop.evaluation.metrics import normalize_vqa_answer
 from crop.image import load_image
 from crop.pipeline import CropModel
 from crop.prompting import build_prompt
-from crop.region import Region
+from crop.region import Region, Viewport
 from crop.strategies.crop_method import CROP
 from crop.strategies.learned_plc import LearnedPLC, LearnedPLCConfig
 from crop.strategies.plc import PLC
@@ -99,17 +101,20 @@ class CompressedVLM(nn.Module):
 
 
 class RegionCollator:
-    """Batches rows into processor inputs with labels on the answer, plus each row's region."""
+    """Batches rows into processor inputs with labels on the answer, plus each row's region and the viewport that
+    places it on the token grid (`viewport(image)`, the model's)."""
 
-    def __init__(self, processor: Any, root: Path) -> None:
+    def __init__(self, processor: Any, root: Path, viewport: Callable[[Image.Image], Viewport]) -> None:
         self.processor = processor
         self.root = root
+        self.viewport = viewport
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         images = [load_image(self.root / row["image"]) for row in rows]
         prompts = [build_prompt(self.processor, row["question"]) for row in rows]
         batch = answer_batch(self.processor, images, prompts, [str(row["answer"]) for row in rows])
         batch["regions"] = [Region.from_grid(row["grid"]) for row in rows]
+        batch["viewports"] = [self.viewport(image) for image in images]
         return batch
 
 
@@ -169,8 +174,9 @@ def train_plc(config: PLCTrainConfig) -> dict[str, Any]:
         groups.append({"params": list(module.compressor.parameters()), "lr": config.compressor_lr})
     groups = [group for group in groups if group["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    collate = RegionCollator(processor, data_root, module.crop.viewport)
     loader = torch.utils.data.DataLoader(
-        train_rows, batch_size=config.batch_size, shuffle=True, collate_fn=RegionCollator(processor, data_root),
+        train_rows, batch_size=config.batch_size, shuffle=True, collate_fn=collate,
         generator=torch.Generator().manual_seed(config.seed),
     )  # fmt: skip
     steps_per_epoch = math.ceil(len(loader) / config.grad_accum)

@@ -1,0 +1,252 @@
+"""What a method may ask for during one pruned call, each item computed the first time someone asks.
+
+`CallContext` holds the call (the model's inputs, each row's layout, viewport and region) and caches what the
+adapter computes for the whole batch (grid features, vision-tower internals, region masks). A pre-LLM method gets
+one `ImageContext` per image; an in-LLM method gets one `StageRow` per row and stage, backed by a `StageContext`
+that caches the batch's attention rows at the layer before the stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from crop.adapter import ModelAdapter, VisionCrops, VisualLayout, pool_rows, question_weights
+from crop.errors import ConfigError
+from crop.region import Region, Viewport
+from crop.strategies.base import Selection
+from crop.strategies.grids import GridSelect, select_for_layout
+
+Raters = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""`(visual token embeddings, text embeddings) -> which text tokens rate the visual tokens` (boolean)."""
+
+
+class CallContext:
+    """One pruned call: the model's `inputs` (before any pre-LLM step), per row its layout, viewport and region."""
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        inputs: dict[str, Any],
+        layouts: list[VisualLayout],
+        viewports: list[Viewport],
+        regions: list[Region | None],
+    ) -> None:
+        self.adapter = adapter
+        self.inputs = inputs
+        self.layouts = layouts
+        self.viewports = viewports
+        self.regions = regions
+        self._features: list[torch.Tensor] | None = None
+        self._vision: list[VisionCrops] | None = None
+        self._masks: dict[int, torch.Tensor] = {}
+
+    @property
+    def batch(self) -> int:
+        return len(self.layouts)
+
+    def features(self, row: int) -> torch.Tensor:
+        """Row `row`'s projected visual tokens `(tokens, dim)` as the LLM would get them, leading tokens first."""
+        if self._features is None:
+            if self.inputs.get("pixel_values") is None:
+                raise ConfigError("methods acting before the LLM need pixel_values (pass the processor's output)")
+            self._features = self.adapter.image_features(self.inputs)
+        return self._features[row]
+
+    def vision(self, row: int) -> VisionCrops:
+        """Row `row`'s crops as the vision tower saw them (its feature layer's states, CLS attention, keys)."""
+        if self._vision is None:
+            self._vision = self.adapter.vision_crops(self.inputs)
+        return self._vision[row]
+
+    def region_mask(self, row: int) -> torch.Tensor:
+        """`(rows, cols)` mask of row `row`'s grid tokens inside its region."""
+        if self.regions[row] is None:
+            raise ConfigError("this method needs a contextual region: pass regions=... or give crop.apply a localizer")
+        if row not in self._masks:
+            self._masks[row] = self.layouts[row].region_mask(self.regions[row], self.viewports[row])
+        return self._masks[row]
+
+    def image(self, row: int) -> ImageContext:
+        return ImageContext(self, row)
+
+
+class ImageContext:
+    """One image of the call, as a pre-LLM method (or an in-LLM one reasoning about the whole grid) sees it."""
+
+    def __init__(self, call: CallContext, row: int) -> None:
+        self.call = call
+        self.row = row
+        self.layout = call.layouts[row]
+        self.viewport = call.viewports[row]
+        self.region = call.regions[row]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The token grid `(rows, cols)`; images with several grids (LLaVA-NeXT) are one `1 x tokens` row."""
+        return self.layout.rows, self.layout.cols
+
+    @property
+    def grid_tokens(self) -> int:
+        return self.layout.rows * self.layout.cols
+
+    @property
+    def features(self) -> torch.Tensor:
+        """The grid tokens' projected features `(rows*cols, dim)`, in raster order (leading tokens excluded)."""
+        return self.call.features(self.row)[self.layout.leading :]
+
+    @property
+    def vision(self) -> VisionCrops:
+        """The vision tower's internals on this image's crops (methods that select vision states)."""
+        return self.call.vision(self.row)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vision states through the model's projector into the LLM's embedding space."""
+        return self.call.adapter.project(hidden)
+
+    @property
+    def inside(self) -> torch.Tensor:
+        """`(rows, cols)` mask of the grid tokens inside the region (ConfigError without a region)."""
+        return self.call.region_mask(self.row)
+
+    def per_grid(self, select: GridSelect, budget: int | None, before_llm: bool = True, name: str = "") -> Selection:
+        """`select` on each 2-D grid of the image (one call for a single grid), the region's share and the
+        budget's share per grid; `before_llm` says whether `select` returns compressed tokens."""
+        features = self.features if before_llm else None
+        inside = self.inside if self.region is not None else None
+        return select_for_layout(select, self.layout, features, inside, budget, before_llm, name)
+
+
+class StageContext:
+    """One in-LLM stage of the call at prefill: the observed layer's input (the layer before the stage), the
+    stage's own input, the current token layout, and the attention rows computed from them on demand."""
+
+    def __init__(
+        self,
+        call: CallContext,
+        stage: int,
+        layer: int,
+        observed: tuple[torch.Tensor, dict[str, Any]],
+        stage_hidden: torch.Tensor,
+        index: torch.Tensor,
+        cell_of: torch.Tensor,
+        attention_mask: torch.Tensor,
+        selections: list[Selection] | None,
+        embeddings: Callable[[], torch.Tensor],
+    ) -> None:
+        self.call = call
+        self.stage = stage
+        self.layer = layer
+        self.hidden, self.kwargs = observed
+        self.stage_hidden = stage_hidden
+        self.repeat = self.hidden.shape[0] // attention_mask.shape[0]
+        self.index = index
+        self.cell_of = cell_of
+        self.selections = selections
+        self._embeddings = embeddings
+        self._attention: dict[Any, torch.Tensor] = {}
+
+    def attention(self, queries: str | Raters) -> torch.Tensor:
+        """`(batch*repeat, heads, length)` attention of the query rows to the stage's current tokens, in the layer
+        before the stage: the last prompt token's (`"last"`), the mean over every token after the image
+        (`"question"`), or the mean over the text tokens a `Raters` function picks."""
+        if queries not in self._attention:
+            adapter = self.call.adapter
+            layer = adapter.decoder_layers()[self.layer - 1]
+            if queries == "last":
+                attention = adapter.query_attention(layer, self.hidden, self.kwargs)[:, :, 0]
+            else:
+                weights = question_weights(self.cell_of) if queries == "question" else self._rater_weights(queries)
+                weights = weights.repeat_interleave(self.repeat, 0)
+                rows = adapter.query_attention(layer, self.hidden, self.kwargs, weights.shape[1])
+                attention = pool_rows(rows, weights)
+            self._attention[queries] = attention
+        return self._attention[queries]
+
+    def check_question(self) -> None:
+        """Refuse prompts with no text after the image (methods that rate the image by the question)."""
+        question_weights(self.cell_of)
+
+    def embeddings(self) -> torch.Tensor:
+        """The prompt embeddings `(batch*repeat, length, dim)` (the first decoder layer's input at prefill)."""
+        return self._embeddings()
+
+    def _rater_weights(self, raters: Raters) -> torch.Tensor:
+        """`question_weights` restricted to the text tokens `raters` picks from each row's prompt embeddings."""
+        weights = question_weights(self.cell_of)
+        embeddings = self.embeddings()
+        for row in range(self.cell_of.shape[0]):
+            text = int(weights[row].sum())
+            grid = (self.cell_of[row] >= 0).nonzero().squeeze(1)
+            chosen = raters(embeddings[row * self.repeat, grid], embeddings[row * self.repeat, -text:])
+            weights[row, -text:] = chosen.to(weights.dtype)
+        return weights.to(embeddings.device)
+
+
+class StageRow:
+    """One row at one stage: its grid tokens that reached the stage and what a method may ask about them.
+
+    `positions`: their positions in the stage's current layout; `tokens`: their index among the LLM input's grid
+    tokens (after any pre-LLM step); `cells`: the grid cell each stands for.
+    """
+
+    def __init__(self, context: StageContext, row: int, positions: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.context = context
+        self.row = row
+        self.positions = positions
+        self.tokens = tokens
+        self.image = context.call.image(row)
+        self._expanded = row * context.repeat
+
+    @property
+    def stage(self) -> int:
+        return self.context.stage
+
+    @property
+    def layer(self) -> int:
+        return self.context.layer
+
+    @property
+    def grid_tokens(self) -> int:
+        return self.image.grid_tokens
+
+    @property
+    def selection(self) -> Selection | None:
+        """The pre-LLM step's selection of this row (None when the LLM got the full grid)."""
+        return None if self.context.selections is None else self.context.selections[self.row]
+
+    @property
+    def cells(self) -> torch.Tensor:
+        """The raster grid cell of each token (a compressed token: its first cell)."""
+        selection = self.selection
+        if selection is None or selection.compressed is None:
+            return self.tokens.cpu()
+        return selection.compressed.first_cell.cpu()[self.tokens.cpu()]
+
+    @property
+    def inside(self) -> torch.Tensor:
+        """Whether each token lies in the region (a compressed token: whether it came from inside)."""
+        selection = self.selection
+        if selection is not None and selection.compressed is not None:
+            return selection.compressed.inside.cpu()[self.tokens.cpu()]
+        return self.image.inside.reshape(-1)[self.tokens.cpu()]
+
+    def attention(self, queries: str | Raters = "last") -> torch.Tensor:
+        """`(heads, tokens)`: the attention the query rows (see `StageContext.attention`) pay these tokens in the
+        layer before the stage."""
+        return self.context.attention(queries)[self._expanded][:, self.positions]
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """`(tokens, dim)`: the hidden states of these tokens entering the stage's layer."""
+        return self.context.stage_hidden[self._expanded, self.positions]
+
+    def embeddings(self) -> torch.Tensor:
+        """`(tokens, dim)`: the prompt embeddings of these tokens."""
+        index = self.context.index[self._expanded, self.positions]
+        return self.context.embeddings()[self._expanded, index]
+
+    def check_question(self) -> None:
+        self.context.check_question()
