@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from crop.region import Viewport
-from crop.tiny import build_model, build_processor
+from crop.testing.llava import build_model, build_processor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
 
@@ -68,7 +68,7 @@ QWEN_SIZES = [(224, 112), (112, 168), (200, 160)]  # Qwen2-VL grids 4x8, 6x4, 6x
 
 def qwen_batch(processor, count: int) -> dict:
     """A left-padded Qwen2-VL batch of `count` images of different sizes and questions."""
-    from crop.tiny_qwen import qwen_inputs
+    from crop.testing.qwen2_vl import qwen_inputs
 
     images = [make_image(*QWEN_SIZES[i], seed=i) for i in range(count)]
     return qwen_inputs(processor, images, [QUESTIONS[i % len(QUESTIONS)] for i in range(count)])

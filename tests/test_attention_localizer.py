@@ -14,7 +14,7 @@ from crop.region import Region, Viewport
 from crop.strategies.crop_fused import FusedCROP
 from crop.strategies.crop_method import CROP
 from crop.strategies.ilp import ILP
-from crop.tiny import build_model
+from crop.testing.llava import build_model
 
 SIDE = 12
 
@@ -136,8 +136,8 @@ def test_last_row_relevance_equals_explicit_attention(sdpa_model, processor):
 
 def test_two_pass_on_dynamic_grids_and_on_the_high_res_grid_of_several():
     from crop.models.llava_next import HIGH, token_layout
-    from crop.tiny_next import build_next_model, build_next_processor
-    from crop.tiny_qwen import build_qwen_model, build_qwen_processor
+    from crop.testing.llava_next import build_next_model, build_next_processor
+    from crop.testing.qwen2_vl import build_qwen_model, build_qwen_processor
 
     qwen = AttentionLocalizer(build_qwen_model(), build_qwen_processor(), layer=1)
     relevance, _ = qwen.relevance(make_image(224, 112), QUESTIONS[0])

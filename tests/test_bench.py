@@ -69,7 +69,7 @@ def test_depth_profile_ideal_computes_what_ilp_computes():
 
 
 def test_step_clock_reads_decode_speed_from_one_generate_call():
-    from crop.tiny import build_model
+    from crop.testing.llava import build_model
 
     model = build_model()
     clock = StepClock("cpu")

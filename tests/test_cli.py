@@ -10,7 +10,7 @@ from conftest import make_image
 from PIL import Image
 
 from crop.cli import main
-from crop.tiny import save_tiny
+from crop.testing.llava import save_tiny
 
 
 @pytest.fixture(scope="module")

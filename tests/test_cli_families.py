@@ -12,8 +12,8 @@ from conftest import make_image
 from crop.cli import main
 from crop.errors import UnsupportedModelError
 from crop.loading import load_model
-from crop.tiny_next import build_next_model, build_next_processor
-from crop.tiny_qwen import build_qwen_model, build_qwen_processor
+from crop.testing.llava_next import build_next_model, build_next_processor
+from crop.testing.qwen2_vl import build_qwen_model, build_qwen_processor
 
 BUILDERS = {
     "llava-next": (build_next_model, build_next_processor),

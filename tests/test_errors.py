@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import crop
 from crop.errors import ConfigError, ImageError, RegionError, UnsupportedModelError
 from crop.image import load_image
-from crop.tiny import build_model
+from crop.testing.llava import build_model
 
 
 def test_missing_image_file(tmp_path):

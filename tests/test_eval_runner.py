@@ -19,7 +19,7 @@ from crop.errors import ConfigError
 from crop.evaluation.runner import RunConfig, run
 from crop.evaluation.tasks import get_task
 from crop.loading import load_model
-from crop.tiny import save_tiny
+from crop.testing.llava import save_tiny
 
 FAST = {"max_new_tokens": 2, "batch_size": 2}
 

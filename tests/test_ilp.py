@@ -184,7 +184,7 @@ def test_layer_zero_drops_tokens_before_the_llm(model, processor, plc):
 
 def test_llava15_grid_and_cls_token():
     """LLaVA-1.5's 24x24 grid (336 px / 14), and the `full` strategy whose CLS token is always kept."""
-    from crop.tiny import build_model, build_processor
+    from crop.testing.llava import build_model, build_processor
 
     for strategy, leading in (("default", 0), ("full", 1)):
         model = build_model(image_size=336, select_strategy=strategy)
@@ -211,7 +211,7 @@ def test_llava15_grid_and_cls_token():
 
 def test_bfloat16_model(processor):
     """Masks and gathers follow the model's dtype: bf16 with the whole image equals the unmodified bf16 model."""
-    from crop.tiny import build_model
+    from crop.testing.llava import build_model
 
     model = build_model().to(torch.bfloat16)
     inputs = batch_inputs(processor, 3)

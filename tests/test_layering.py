@@ -79,3 +79,23 @@ def test_an_unrelated_class_is_refused_with_the_supported_ones():
 
     with pytest.raises(UnsupportedModelError, match="NotAVLM is not supported.*LlavaForConditionalGeneration"):
         crop.adapter.adapter_for(NotAVLM())
+
+
+LIBRARY = [*CORE, "loading.py", "evaluation", "cli.py"]
+
+
+@pytest.mark.parametrize("path", files(*LIBRARY), ids=lambda p: str(p.relative_to(SOURCE)))
+def test_library_code_imports_no_test_factory(path):
+    testing = {m for m in imported_modules(path) if m == "crop.testing" or m.startswith("crop.testing.")}
+    assert not testing, f"{path.relative_to(SOURCE)} imports {sorted(testing)}: test factories stay in crop/testing"
+
+
+GENERIC = ["strategies/base.py", "strategies/context.py", "strategies/engine.py", "strategies/grids.py"]
+METHOD_FILES = ["crop_method", "crop_fused", "fastv", "pyramid_drop", "sparsevlm", "visionzip", "random_select",
+                "pooling", "learned_plc", "full", "registry"]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", files(*GENERIC), ids=lambda p: str(p.relative_to(SOURCE)))
+def test_the_method_machinery_imports_no_method(path):
+    methods = {m for m in imported_modules(path) if m.removeprefix("crop.strategies.").split(".")[0] in METHOD_FILES}
+    assert not methods, f"{path.relative_to(SOURCE)} imports {sorted(methods)}: generic code knows no method"

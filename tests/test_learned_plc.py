@@ -7,7 +7,7 @@ import torch
 
 from crop.errors import ConfigError
 from crop.strategies.learned_plc import LearnedPLC, LearnedPLCConfig
-from crop.tiny import build_model
+from crop.testing.llava import build_model
 
 ROWS, COLS, HIDDEN = 12, 12, 64
 

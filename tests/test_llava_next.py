@@ -10,7 +10,7 @@ from reference import full_region_logits_match, reference_logits
 import crop
 from crop.models.llava_next import BASE, HIGH, NEWLINE, token_layout
 from crop.region import Region
-from crop.tiny_next import build_next_model, build_next_processor, next_inputs
+from crop.testing.llava_next import build_next_model, build_next_processor, next_inputs
 
 SIZES = [(120, 60), (50, 130), (70, 70)]  # wide 2:1, tall (padding strips kept), square
 

@@ -24,7 +24,7 @@ from crop.strategies.plc import PLC
 from crop.strategies.pooling import UniformPooling
 from crop.strategies.random_select import RandomSelection
 from crop.strategies.visionzip import VisionZip
-from crop.tiny_next import build_next_model, build_next_processor
+from crop.testing.llava_next import build_next_model, build_next_processor
 
 REGIONS = [Region(0.0, 0.0, 0.5, 1.0), Region(0.2, 0.5, 1.0, 1.0), Region(0.3, 0.1, 0.8, 0.6)]
 

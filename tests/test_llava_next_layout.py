@@ -14,8 +14,8 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 
 from crop.errors import UnsupportedModelError
 from crop.models.llava_next import BASE, HIGH, NEWLINE, token_layout
-from crop.tiny import CLIP_MEAN, CLIP_STD
-from crop.tiny_next import build_next_model, build_next_processor, next_inputs
+from crop.testing.llava import CLIP_MEAN, CLIP_STD
+from crop.testing.llava_next import build_next_model, build_next_processor, next_inputs
 
 SIZES = {  # (width, height)
     "wide": (120, 60),

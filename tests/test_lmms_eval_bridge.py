@@ -16,7 +16,7 @@ from crop.evaluation import lmms_eval_model
 from crop.evaluation.lmms_eval_model import CropLMM
 from crop.loading import load_model
 from crop.strategies.registry import build_method
-from crop.tiny import build_model, build_processor
+from crop.testing.llava import build_model, build_processor
 
 HAS_LMMS_EVAL = importlib.util.find_spec("lmms_eval") is not None
 REASON = "lmms-eval is not installed here (pip install lmms-eval); the bridge's tests need its model interface"

@@ -106,7 +106,7 @@ def test_crop_budget_mode_keeps_exactly_n_region_first(model, processor):
 def test_fastv_matches_explicit_attention_reference(model, processor, batch):
     """FastV's choice equals top-k of softmax(QK^T) of the last row at layer K-1, computed by an eager twin."""
     from crop.strategies.fastv import FastV
-    from crop.tiny import build_model
+    from crop.testing.llava import build_model
 
     layer, budget = 2, 30
     inputs = batch_inputs(processor, batch)
@@ -192,7 +192,7 @@ def staged_reference(eager, input_ids, pixel_values, layers, counts, query=-1):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_pyramiddrop_matches_staged_reference(model, processor, batch):
     from crop.strategies.pyramid_drop import PyramidDrop
-    from crop.tiny import build_model
+    from crop.testing.llava import build_model
 
     inputs = batch_inputs(processor, batch)
     method = PyramidDrop(layers=(1, 2, 3), ratio=0.5)
@@ -246,7 +246,7 @@ def test_visionzip_matches_reference(model, processor, budget):
     """Dominant tokens from the vision layer's CLS attention (eager twin, output_attentions), contextual tokens
     merged by explicit loops over cosine similarities of the layer's keys; logits of the result by hand."""
     from crop.strategies.visionzip import VisionZip
-    from crop.tiny import build_model
+    from crop.testing.llava import build_model
 
     inputs = batch_inputs(processor, 2)
     method = VisionZip(budget)

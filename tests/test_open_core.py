@@ -24,9 +24,9 @@ from crop.strategies.base import Decision, InLLMMethod, PreLLMMethod, Selection,
 from crop.strategies.context import ImageContext, StageRow
 from crop.strategies.pyramid_drop import PyramidDrop
 from crop.strategies.registry import MethodInfo, register_method, unregister_method
-from crop.tiny import build_model, build_processor
-from crop.tiny_next import build_next_model, build_next_processor
-from crop.tiny_qwen import build_qwen_model, build_qwen_processor
+from crop.testing.llava import build_model, build_processor
+from crop.testing.llava_next import build_next_model, build_next_processor
+from crop.testing.qwen2_vl import build_qwen_model, build_qwen_processor
 
 BUDGET = 5
 LAYER = 2

@@ -9,7 +9,7 @@ from reference import full_region_logits_match, layer_zero_inputs, reference_log
 
 import crop
 from crop.region import Region
-from crop.tiny_qwen import build_qwen_model, build_qwen_processor
+from crop.testing.qwen2_vl import build_qwen_model, build_qwen_processor
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 

@@ -15,7 +15,7 @@ from crop.region import Region
 from crop.strategies.crop_method import CROP
 from crop.strategies.ilp import ILP
 from crop.strategies.plc import PLC
-from crop.tiny_qwen import build_qwen_model, build_qwen_processor
+from crop.testing.qwen2_vl import build_qwen_model, build_qwen_processor
 
 REGIONS = [Region(0.0, 0.0, 0.5, 1.0), Region(0.25, 0.5, 1.0, 1.0), Region(0.4, 0.1, 0.9, 0.6)]
 METHODS = {"plc": lambda: CROP(None, PLC(ratio=2)), "k0": lambda: CROP(ILP(0)), "plc+ilp": lambda: CROP(ILP(2), PLC())}

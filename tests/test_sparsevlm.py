@@ -102,7 +102,7 @@ def test_density_peak_clusters_match_the_loops():
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_sparsevlm_matches_reference(model, processor, batch):
-    from crop.tiny import build_model
+    from crop.testing.llava import build_model
 
     inputs = batch_inputs(processor, batch)
     pruned = crop.apply(model, processor, method=SparseVLM(budget=18))

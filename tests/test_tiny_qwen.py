@@ -1,4 +1,4 @@
-"""Tiny Qwen2-VL / Qwen2.5-VL models and processors (crop.tiny_qwen): built offline, real classes, small grids."""
+"""Tiny Qwen2-VL / Qwen2.5-VL models and processors (crop.testing.qwen2_vl): offline, real classes, small grids."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from conftest import make_image
 from transformers import AutoModelForImageTextToText
 
-from crop.tiny_qwen import (
+from crop.testing.qwen2_vl import (
     FAMILIES,
     QWEN_SPECIAL_TOKENS,
     build_qwen_model,
@@ -137,7 +137,7 @@ def test_sdpa_matches_eager(family, processor, qwen_model):
 def test_save_and_load_round_trip(family, processor, qwen_model, tmp_path):
     qwen_model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    loaded_processor = type(processor).from_pretrained(tmp_path)  # not AutoProcessor: see crop.tiny_qwen
+    loaded_processor = type(processor).from_pretrained(tmp_path)  # not AutoProcessor: see crop.testing.qwen2_vl
     assert loaded_processor.chat_template == processor.chat_template
     assert loaded_processor.image_token_id == processor.image_token_id
     inputs, loaded_inputs = batch(processor, 2), batch(loaded_processor, 2)

@@ -15,7 +15,7 @@ from crop.localize import GridVLMLocalizer
 from crop.localize.grid_vlm import parse_grid_box
 from crop.region import Region
 from crop.strategies.learned_plc import LearnedPLC
-from crop.tiny import save_tiny
+from crop.testing.llava import save_tiny
 from crop.train.localizer import LocalizerTrainConfig, train_localizer
 from crop.train.plc import PLCTrainConfig, train_plc
 
@@ -79,7 +79,7 @@ def test_localizer_with_lora_lowers_the_loss(tiny_dir, data, tmp_path):
 def test_localizer_on_qwen2_vl_in_memory(data, tmp_path):
     """The paper's localizer family: the Qwen2-VL processor's prompts and labels train (a saved tiny Qwen2-VL does
     not load back through AutoProcessor in transformers 5.24, so the loaded objects are passed in)."""
-    from crop.tiny_qwen import build_qwen_model, build_qwen_processor
+    from crop.testing.qwen2_vl import build_qwen_model, build_qwen_processor
 
     model, processor = build_qwen_model(), build_qwen_processor()
     config = LocalizerTrainConfig(
@@ -142,7 +142,7 @@ def test_bad_training_settings_are_clear_errors(tiny_dir, data, tmp_path, capsys
     (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "x.png", "question": "q", "grid": [0, 0, 1, 1]}) + "\n")
     with pytest.raises(ConfigError, match="lacks answer"):
         train_plc(plc_config(tiny_dir, tmp_path / "bad.jsonl", tmp_path))
-    from crop.tiny_qwen import build_qwen_model
+    from crop.testing.qwen2_vl import build_qwen_model
     from crop.train.plc import build_compressor
 
     with pytest.raises(UnsupportedModelError, match="one fixed visual token grid"):

@@ -26,7 +26,7 @@ SCREENSHOT = ROOT / "results" / "demo_screenshot.png"
 
 @pytest.fixture(scope="module")
 def tiny(processor):
-    from crop.tiny import build_model
+    from crop.testing.llava import build_model
 
     return build_model(seed=0), processor
 

@@ -210,6 +210,21 @@ def register(*class_names: str) -> Callable[[type[ModelAdapter]], type[ModelAdap
     return decorate
 
 
+_PROCESSORS: dict[str, type] = {}
+"""Processor classes a family ships (saved checkpoints name them; transformers does not know them)."""
+
+
+def register_processor(processor_class: type) -> type:
+    """Class decorator: a processor class `crop.loading` finds by the name a saved checkpoint gives it."""
+    _PROCESSORS[processor_class.__name__] = processor_class
+    return processor_class
+
+
+def processor_class(name: str | None) -> type | None:
+    """The registered processor class called `name`, if any."""
+    return _PROCESSORS.get(name) if name else None
+
+
 def supported_classes() -> list[str]:
     """The model class names some registered family handles."""
     return sorted(_REGISTRY)

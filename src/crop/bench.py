@@ -311,7 +311,7 @@ def _grid_localizer_call(device: str, dtype: torch.dtype) -> Callable[[], Region
     from PIL import Image
 
     from crop.localize import GridVLMLocalizer
-    from crop.tiny_qwen import build_qwen_model, build_qwen_processor
+    from crop.testing.qwen2_vl import build_qwen_model, build_qwen_processor
 
     side = 336
     processor = build_qwen_processor(min_pixels=side * side, max_pixels=side * side)

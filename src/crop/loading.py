@@ -35,15 +35,13 @@ def load_model(path: str | Path, attn_implementation: str = "sdpa", dtype: str =
 
 
 def _processor_class(path: str | Path) -> Any:
-    """`AutoProcessor`, or crop's tiny Qwen processor class for the test models it saves (no video slot)."""
+    """`AutoProcessor`, or the processor class a model family registered under the name saved in `path` (Qwen2-VL's
+    without the video slot, for one)."""
     from transformers import AutoProcessor
 
-    name = _saved_processor_class(path)
-    if name in ("TinyQwen2VLProcessor", "TinyQwen2_5_VLProcessor"):
-        from crop import tiny_qwen
+    from crop.adapter import processor_class
 
-        return getattr(tiny_qwen, name)
-    return AutoProcessor
+    return processor_class(_saved_processor_class(path)) or AutoProcessor
 
 
 def _saved_processor_class(path: str | Path) -> str | None:

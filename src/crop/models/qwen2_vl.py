@@ -19,8 +19,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
 
-from crop.adapter import ModelAdapter, VisionCrops, VisualLayout, register
+from crop.adapter import ModelAdapter, VisionCrops, VisualLayout, register, register_processor
 from crop.errors import ConfigError, UnsupportedModelError
 from crop.region import Viewport
 
@@ -98,3 +99,20 @@ class Qwen2VLAdapter(ModelAdapter):
         token_types = original["mm_token_type_ids"]
         spliced["mm_token_type_ids"] = (spliced["input_ids"] == self.image_token_id).to(token_types.dtype)
         return spliced
+
+
+@register_processor
+class Qwen2VLImageTextProcessor(Qwen2VLProcessor):
+    """`Qwen2VLProcessor` without the video processor slot (which needs torchvision): images and text only. A
+    checkpoint saved with it loads through `crop.loading.load_model` (crop's tiny test models are)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+
+@register_processor
+class Qwen2_5_VLImageTextProcessor(Qwen2_5_VLProcessor):
+    """`Qwen2_5_VLProcessor` without the video processor slot (which needs torchvision): images and text only."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)

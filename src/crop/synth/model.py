@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from crop.synth.scene import COLOURS, IMAGE_SIZE, PATCH, SHAPES
-from crop.tiny import build_model, build_processor
+from crop.testing.llava import build_model, build_processor
 
 WORDS = [
     "USER", "ASSISTANT", ":", "?", "what", "digit", "shape", "is", "the", "on", "object", "there", "a", "locate",

@@ -49,7 +49,7 @@ from crop.synth.scene import (
     make_sample,
     patch_labels,
 )
-from crop.tiny import CLIP_MEAN, CLIP_STD
+from crop.testing.llava import CLIP_MEAN, CLIP_STD
 
 HEAD_CLASSES = {"colour": len(COLOURS) + 1, "shape": len(SHAPES) + 1, "digit": 11, "block_x": 8, "block_y": 8}
 SIDE = IMAGE_SIZE // PATCH

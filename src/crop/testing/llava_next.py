@@ -17,7 +17,7 @@ from transformers import (
 )
 from transformers.models.llava_next import LlavaNextImageProcessorPil
 
-from crop.tiny import CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, build_tokenizer, instantiate, tower_configs
+from crop.testing.llava import CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, build_tokenizer, instantiate, tower_configs
 
 
 def default_pinpoints(image_size: int) -> list[list[int]]:

@@ -5,10 +5,10 @@ image processing of Qwen2-VL / Qwen2.5-VL, only small. Their answers are meaning
 
 The processors use the PIL image processor (`Qwen2VLImageProcessorPil`) and no video processor: transformers 5.x
 cannot construct `Qwen2VLProcessor` without torchvision (its video processor needs it), so `build_qwen_processor`
-returns `TinyQwen2VLProcessor` / `TinyQwen2_5_VLProcessor`, subclasses without the video slot. They save with
-`save_pretrained` and load back with their own `from_pretrained`. `Qwen2VLProcessor.from_pretrained` fails on them
-(no video processor) and `AutoProcessor.from_pretrained` silently returns the bare tokenizer (transformers 5.24);
-`crop.loading.load_model` knows them.
+returns the Qwen family's `Qwen2VLImageTextProcessor` / `Qwen2_5_VLImageTextProcessor` (in `crop.models.qwen2_vl`),
+subclasses without the video slot. They save with `save_pretrained` and load back with their own `from_pretrained`.
+`Qwen2VLProcessor.from_pretrained` fails on them (no video processor) and `AutoProcessor.from_pretrained` silently
+returns the bare tokenizer (transformers 5.24); `crop.loading.load_model` finds them (the family registers them).
 Models load with `from_pretrained` / `AutoModelForImageTextToText` (pass `attn_implementation`: it is not saved).
 """
 
@@ -33,7 +33,8 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTe
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from crop.tiny import CLIP_MEAN, CLIP_STD, WORDS
+from crop.models.qwen2_vl import Qwen2_5_VLImageTextProcessor, Qwen2VLImageTextProcessor
+from crop.testing.llava import CLIP_MEAN, CLIP_STD, WORDS
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 QWEN_SPECIAL_TOKENS = [
@@ -59,20 +60,6 @@ QWEN_CHAT_TEMPLATE = (
 )
 MIN_PIXELS = 56 * 56
 MAX_PIXELS = 28 * 28 * 64
-
-
-class TinyQwen2VLProcessor(Qwen2VLProcessor):
-    """`Qwen2VLProcessor` without the video processor slot (which needs torchvision): images and text only."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
-
-
-class TinyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-    """`Qwen2_5_VLProcessor` without the video processor slot (which needs torchvision): images and text only."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
 
 def _check_family(family: str) -> None:
@@ -129,7 +116,7 @@ def build_qwen_processor(
         image_mean=CLIP_MEAN,
         image_std=CLIP_STD,
     )
-    processor_class = TinyQwen2VLProcessor if family == "qwen2_vl" else TinyQwen2_5_VLProcessor
+    processor_class = Qwen2VLImageTextProcessor if family == "qwen2_vl" else Qwen2_5_VLImageTextProcessor
     return processor_class(
         image_processor=image_processor, tokenizer=build_qwen_tokenizer(words), chat_template=QWEN_CHAT_TEMPLATE
     )
