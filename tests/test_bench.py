@@ -48,7 +48,8 @@ def test_depth_profile_ideal_computes_what_ilp_computes():
     import torch
 
     import crop
-    from crop.bench import _profile_ideal_prefill, bench_inputs, build_bench_model
+    from crop.bench import bench_inputs, build_bench_model
+    from crop.bench.ideal import _profile_ideal_prefill
     from crop.region import Region
 
     shape = SHAPES["tiny"]

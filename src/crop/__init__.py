@@ -12,6 +12,7 @@ from crop.errors import (
 from crop.localize import AttentionLocalizer, FixedLocalizer, GridVLMLocalizer, Localizer
 from crop.pipeline import Answer, CropModel, apply, remove
 from crop.region import Region, Viewport
+from crop.request import Request
 from crop.stats import PruneStats, RowStats
 from crop.strategies.ilp import ILP
 from crop.strategies.learned_plc import LearnedPLC, LearnedPLCConfig
@@ -37,6 +38,7 @@ __all__ = [
     "PruneStats",
     "Region",
     "RegionError",
+    "Request",
     "RowStats",
     "UnsupportedModelError",
     "Viewport",

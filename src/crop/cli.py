@@ -262,8 +262,7 @@ def _run_methods(args: argparse.Namespace) -> int:
 
     width = max(len(name) for name in METHODS)
     for info in METHODS.values():
-        budget = "needs --budget" if info.needs_budget else "region-sized (or --budget)"
-        print(f"{info.name:{width}s}  {info.summary}; acts {info.acts}; {budget}")
+        print(f"{info.name:{width}s}  {info.summary}; acts {info.acts}; {info.budget_note}")
     return 0
 
 

@@ -88,7 +88,7 @@ def compare(
     stages = [(f"layers {start}+: {int((cells > 0).sum())} cells kept", cells) for start, cells in row.stages]
     return Comparison(
         question=question,
-        method=pruning.describe(),
+        method=pruned_model.method.describe(),
         full=full,
         pruned=pruned,
         localize_seconds=inputs["localize_seconds"],

@@ -249,8 +249,8 @@ def apply(
 
     By default the method is CROP: `ilp` is an `ILP` or its layer K (default 2; None disables it), `plc` a `PLC`
     or its pooling ratio (None, the default, disables it). `method` replaces CROP by any other `Method`, or names
-    one (`crop methods`: "fastv", "pyramiddrop", "sparsevlm", "visionzip", "random", "pool", "crop") kept at
-    `budget` tokens.
+    one (`crop methods`: "full", "crop", "crop-fused", "fastv", "pyramiddrop", "sparsevlm", "visionzip", "random",
+    "pool") kept at `budget` tokens.
     `localizer` finds the region for `prepare`/`ask`; regions can also be passed per call.
     """
     if isinstance(method, str):

@@ -104,7 +104,7 @@ class CropLMM(lmms):
         kept = self.kept_tokens[kept_before:]
         if kept:
             logger.info(
-                f"crop ({self.method.describe()}): {sum(kept) / len(kept):.1f} visual tokens kept on average "
+                f"crop ({self.pruned.method.describe()}): {sum(kept) / len(kept):.1f} visual tokens kept on average "
                 f"over {len(kept)} requests"
             )
         return collator.get_original(answers)

@@ -36,9 +36,10 @@ class MethodSettings:
 
 @dataclass(frozen=True)
 class MethodInfo:
-    """A named method: what it does and where it acts (for listings), whether it needs a budget, how to build it
-    from `MethodSettings`, and `tables`: "budget" for a row per budget in the comparison tables (`crop bench`,
-    `crop synth eval`), "own" where those tables write its rows themselves, "none" to leave it out."""
+    """A named method: what it does and where it acts (for listings), whether it needs a budget (`budget_help`
+    says more where the budget is optional), how to build it from `MethodSettings`, and `tables`: "budget" for a
+    row per budget in the comparison tables (`crop bench`, `crop synth eval`), "own" where those tables write its
+    rows themselves, "none" to leave it out."""
 
     name: str
     summary: str
@@ -46,6 +47,11 @@ class MethodInfo:
     needs_budget: bool
     build: Callable[[MethodSettings], Method]
     tables: str = "budget"
+    budget_help: str = ""
+
+    @property
+    def budget_note(self) -> str:
+        return self.budget_help or ("needs --budget" if self.needs_budget else "takes no budget")
 
 
 METHODS: dict[str, MethodInfo] = {}
@@ -82,9 +88,11 @@ for _info in (
     MethodInfo("full", "no pruning: every visual token at every layer (the reference)", "nowhere", False,
                lambda s: Full(), tables="own"),
     MethodInfo("crop", "contextual region: ILP drops outside tokens at layer K, PLC pools them before the LLM",
-               "inside the LLM at K and/or before it", False, _crop, tables="own"),
+               "inside the LLM at K and/or before it", False, _crop, tables="own",
+               budget_help="region-sized (or --budget)"),
     MethodInfo("crop-fused", "CROP whose region comes from layer K-1's question attention in the same prefill",
-               "inside the LLM at K", False, lambda s: FusedCROP(layer=s.layer, budget=s.budget), tables="own"),
+               "inside the LLM at K", False, lambda s: FusedCROP(layer=s.layer, budget=s.budget), tables="own",
+               budget_help="region-sized (or --budget)"),
     MethodInfo("fastv", "top-N by the last token's attention at layer K-1, dropped from layer K",
                "inside the LLM at K", True, lambda s: FastV(budget=s.budget, layer=s.layer)),
     MethodInfo("pyramiddrop", "staged: at several layers keep the top share by last-token attention",

@@ -1,0 +1,136 @@
+"""The benchmark's report: medians and ratios of the measured cases with the machine they ran on, and the report
+as a Markdown table and a plot."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crop.bench.cases import Case
+from crop.bench.shapes import Shape
+
+
+def build_report(
+    shape: Shape, all_cases: list[Case], device: str, dtype: str, repeats: int, new_tokens: int
+) -> dict[str, Any]:
+    """Per case, the median prefill (with min and max) and its ratios to full tokens and to the ideals, the FLOPs
+    ratios, decode speed, peak memory and KV cache; with the shape and the machine."""
+    full = next(c for c in all_cases if c.name == "full")
+    full_prefill = statistics.median(full.results["prefill_s"])
+    full_flops = full.results["flops_prefill"][0]
+    vision = full.results["flops_vision"][0]
+    ideal = {c.budget: statistics.median(c.results["prefill_s"]) for c in all_cases if c.name == "ideal"}
+    profile = {c.budget: statistics.median(c.results["prefill_s"]) for c in all_cases if c.name == "ideal-k2"}
+    rows = []
+    for case in all_cases:
+        measured, analytic = case.results["kv_cache_bytes"][0], case.results["kv_cache_bytes_analytic"][0]
+        prefill = case.results["prefill_s"]
+        median = statistics.median(prefill)
+        rows.append({
+            "method": case.name,
+            "budget": case.budget,
+            "kept_tokens": case.results["kept_tokens"][0],
+            "average_tokens_over_layers": case.results["average_tokens"][0],
+            "prefill_s": {"median": median, "min": min(prefill), "max": max(prefill)},
+            "prefill_ratio_to_full": median / full_prefill,
+            "prefill_ratio_to_ideal": median / ideal[case.budget] if case.budget in ideal else None,
+            "prefill_ratio_to_ideal_k2": median / profile[case.budget] if case.budget in profile else None,
+            "flops_ratio_to_full": (case.results["flops_prefill"][0] + vision) / (full_flops + vision),
+            "llm_flops_ratio_to_full": case.results["flops_prefill"][0] / full_flops,
+            "localize_s": _median_or_none(case.results["localize_s"]),
+            "decode_tokens_per_s": _median_or_none(case.results["decode_tokens_per_s"]),
+            "peak_memory_mb": statistics.median(case.results["peak_memory_bytes"]) / 2**20,
+            "kv_cache_mb": measured / 2**20,
+            "kv_cache_matches_analytic": measured == analytic,
+        })  # fmt: skip
+    return {
+        "shape": asdict(shape),
+        "note": (
+            f"LLM layers reduced from {shape.real_llm_layers} to {shape.llm_layers} to fit memory"
+            if shape.llm_layers < shape.real_llm_layers else "real layer count"
+        ),
+        "device": device,
+        "dtype": dtype,
+        "repeats": repeats,
+        "new_tokens": new_tokens,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": _cpu_name(),
+                    "threads": torch.get_num_threads()},
+        "rows": rows,
+    }  # fmt: skip
+
+
+def _cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else statistics.median(values)
+
+
+def _milliseconds(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1000 * seconds:.1f}"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def table(report: dict[str, Any]) -> str:
+    """The report as a Markdown table."""
+    lines = [
+        "| method | budget | kept | avg over layers | prefill ms (min-max) | of which localize ms | x full | x ideal | "
+        "x ideal K=2 | FLOPs x full | decode tok/s | peak MB | KV MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        prefill = row["prefill_s"]
+        ideal = "-" if row["prefill_ratio_to_ideal"] is None else f"{row['prefill_ratio_to_ideal']:.2f}"
+        ratio_k2 = row.get("prefill_ratio_to_ideal_k2")
+        profile = "-" if ratio_k2 is None else f"{ratio_k2:.2f}"
+        lines.append(
+            f"| {row['method']} | {row['budget']} | {row['kept_tokens']} | {row['average_tokens_over_layers']:.1f} | "
+            f"{1000 * prefill['median']:.1f} ({1000 * prefill['min']:.1f}-{1000 * prefill['max']:.1f}) | "
+            f"{_milliseconds(row.get('localize_s'))} | {row['prefill_ratio_to_full']:.2f} | {ideal} | {profile} | "
+            f"{row['flops_ratio_to_full']:.2f} | "
+            f"{_number(row['decode_tokens_per_s'])} | {row['peak_memory_mb']:.0f} | {row['kv_cache_mb']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Prefill time and peak memory versus kept visual tokens, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    methods = sorted({row["method"] for row in report["rows"]})
+    for method in methods:
+        rows = sorted((r for r in report["rows"] if r["method"] == method), key=lambda r: r["kept_tokens"])
+        kept = [r["kept_tokens"] for r in rows]
+        left.plot(kept, [1000 * r["prefill_s"]["median"] for r in rows], marker="o", label=method)
+        right.plot(kept, [r["peak_memory_mb"] for r in rows], marker="o", label=method)
+    left.set(xlabel="visual tokens kept", ylabel="prefill (ms, median)", title="Time to first token")
+    right.set(xlabel="visual tokens kept", ylabel="peak memory growth (MB)", title="Peak memory")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    figure.suptitle(f"{report['shape']['name']} ({report['note']}), {report['device']}, {report['dtype']}")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,136 @@
+"""Running the benchmark: build the model, measure every case in interleaved rounds after warm-up, and write the
+report."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LogitsProcessorList
+
+import crop
+from crop.bench.cases import Case, cases
+from crop.bench.ideal import _ideal_calls, _profile_ideal_prefill
+from crop.bench.measure import PeakMemory, StepClock, measured_cache_bytes, timed
+from crop.bench.report import build_report
+from crop.bench.shapes import (
+    TEXT_TOKENS,
+    Shape,
+    bench_inputs,
+    bench_shape,
+    build_bench_model,
+    check_device,
+    kv_cache_bytes,
+    prefill_flops,
+    vision_flops,
+)
+from crop.errors import ConfigError
+from crop.region import Region, Viewport
+from crop.strategies.registry import build_method
+
+
+def run(
+    shape_name: str = "small",
+    budgets: tuple[int, ...] = (192, 128, 64),
+    repeats: int = 5,
+    warmup: int = 1,
+    new_tokens: int = 32,
+    device: str = "cpu",
+    dtype: str = "float32",
+    out: Path | None = Path("results") / "bench.json",
+    threads: int | None = None,
+    progress: Callable[[str], None] = print,
+    methods: list[str] | None = None,
+    llm_layers: int | None = None,
+) -> dict[str, Any]:
+    """Measure every case (or, with `methods`, those and full and the ideal); repeats are interleaved (case order
+    rotates each round). `llm_layers` overrides the shape's LLM depth (up to the real model's)."""
+    if threads:
+        torch.set_num_threads(threads)
+    shape = bench_shape(shape_name, llm_layers)
+    check_device(device)
+    torch_dtype = getattr(torch, dtype)
+    torch.manual_seed(0)
+    model = build_bench_model(shape, torch_dtype, device)
+    inputs = bench_inputs(shape, device=device, dtype=torch_dtype)
+    region = Region.from_grid([2, 2, 5, 5])
+    all_cases = cases(shape, list(budgets), region)
+    if methods:
+        known = {case.name for case in all_cases}
+        unknown = sorted(set(methods) - known)
+        if unknown:
+            raise ConfigError(f"unknown benchmark rows {unknown}; available: {sorted(known)}")
+        all_cases = [case for case in all_cases if case.name in {*methods, "full", "ideal", "ideal-k2"}]
+    else:  # a 2B-parameter localizer: only when asked for by name
+        all_cases = [case for case in all_cases if case.name != "crop-grid-loc"]
+    for round_index in range(warmup + repeats):
+        order = all_cases[round_index % len(all_cases) :] + all_cases[: round_index % len(all_cases)]
+        for case in order:
+            measurement = _measure(model, inputs, case, shape, new_tokens, device)
+            if round_index >= warmup:
+                for key, value in measurement.items():
+                    case.results.setdefault(key, []).append(value)
+        progress(f"round {round_index + 1}/{warmup + repeats} done")
+    report = build_report(shape, all_cases, device, dtype, repeats, new_tokens)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _measure(model: Any, inputs: dict, case: Case, shape: Shape, new_tokens: int, device: str) -> dict[str, float]:
+    localize_seconds: list[float] = []
+    if case.ideal_tokens is not None and case.ideal_layer:
+        prefill_call, generate_call = _profile_ideal_prefill(model, inputs, case.ideal_tokens, case.ideal_layer), None
+        per_layer = [shape.grid_tokens] * case.ideal_layer + [case.ideal_tokens] * (shape.llm_layers - case.ideal_layer)
+    elif case.ideal_tokens is not None:
+        prefill_call, generate_call = _ideal_calls(model, inputs, case.ideal_tokens)
+        per_layer = [case.ideal_tokens] * shape.llm_layers
+    else:
+        method = case.method() if case.method is not None else build_method("full")
+        pruned = crop.apply(model, None, method=method)
+        localizer = case.localizer(model, inputs) if case.localizer is not None else None
+
+        def regions() -> list[Region] | None:
+            if localizer is not None:
+                seconds, region = timed(localizer, device)
+                localize_seconds.append(seconds)
+                return [region]
+            return [case.region or Region.full()] if method.needs_region else None
+
+        frame = [Viewport()]  # regions are boxes on the bench's square grid
+        prefill_call = lambda: pruned(**inputs, regions=regions(), viewports=frame, use_cache=True)  # noqa: E731
+        generate_call = lambda steps, clock: pruned.generate(  # noqa: E731
+            **inputs, regions=regions(), viewports=frame, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+            logits_processor=LogitsProcessorList([clock]),
+        )  # fmt: skip
+    clock = StepClock(device)
+    try:
+        with torch.inference_mode(), PeakMemory(device) as memory:
+            prefill, output = timed(prefill_call, device)
+        localize = localize_seconds[0] if localize_seconds else None
+        if generate_call is not None:
+            generate_call(new_tokens + 1, clock)
+    finally:
+        if case.ideal_tokens is None:
+            pruned.remove()
+    if case.ideal_tokens is None:
+        output, stats = output
+        per_layer = stats.rows[0].per_layer
+    cache = output.get("cache") or output.get("past_key_values")
+    tokens = [n + TEXT_TOKENS for n in per_layer]
+    return {
+        "prefill_s": prefill,
+        "localize_s": localize,
+        "decode_tokens_per_s": clock.tokens_per_second() if generate_call else None,
+        "peak_memory_bytes": memory.peak,
+        "kv_cache_bytes": measured_cache_bytes(cache),
+        "kv_cache_bytes_analytic": kv_cache_bytes(shape, tokens, cache.layers[0].keys.dtype),
+        "flops_prefill": prefill_flops(shape, tokens),
+        "flops_vision": vision_flops(shape),
+        "kept_tokens": per_layer[-1],
+        "average_tokens": sum(per_layer) / len(per_layer),
+    }
