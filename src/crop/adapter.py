@@ -3,8 +3,9 @@ an image, the family registry, and the attention primitives that read a decoder 
 
 Each family lives in one file under `crop/models/`, which subclasses `ModelAdapter` and registers it with
 `@register("SomeForConditionalGeneration")`; `adapter_for(model)` walks the model class's MRO, so a subclass of a
-supported class is supported too. The core imports no family: `crop/__init__.py` imports `crop.models`, which
-imports every family file once.
+supported class is supported too. The core imports no family: the families are found through the `crop.families`
+entry points (crop's own point at `crop.models`, which imports every family file once; another package can add
+its own), loaded on the first lookup.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cache
+from importlib.metadata import entry_points
 from typing import Any
 
 import torch
@@ -220,22 +223,37 @@ def register_processor(processor_class: type) -> type:
     return processor_class
 
 
+@cache
+def load_families() -> None:
+    """Import every family that a `crop.families` entry point names (once), so that each registers itself."""
+    for point in entry_points(group="crop.families"):
+        point.load()
+
+
 def processor_class(name: str | None) -> type | None:
     """The registered processor class called `name`, if any."""
+    load_families()
     return _PROCESSORS.get(name) if name else None
 
 
 def supported_classes() -> list[str]:
     """The model class names some registered family handles."""
+    load_families()
     return sorted(_REGISTRY)
 
 
 def adapter_for(model: Any) -> ModelAdapter:
     """The adapter for `model`'s family (found along its class's MRO), or `UnsupportedModelError` naming the
     classes supported."""
+    load_families()
     for klass in type(model).__mro__:
         if klass.__name__ in _REGISTRY:
             return _REGISTRY[klass.__name__](model)
+    if not _REGISTRY:
+        raise UnsupportedModelError(
+            "no model family is registered: crop finds its families through package metadata; install crop "
+            "(pip install -e .) rather than running it from a source folder"
+        )
     raise UnsupportedModelError(
         f"model class {type(model).__name__} is not supported; supported classes (and their subclasses): "
         f"{', '.join(supported_classes())}"

@@ -9,13 +9,17 @@ import logging
 import sys
 from pathlib import Path
 
+from crop import __version__
 from crop.errors import CropError
 from crop.synth.assets import SHIPPED_MODEL
+from crop.train.cli import COMMANDS as TRAINING_COMMANDS
 from crop.train.cli import add_commands as add_training_commands
+from crop.train.cli import add_stubs as add_training_stubs
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser(training=bool(argv) and argv[0] in TRAINING_COMMANDS)
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
@@ -28,8 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(training: bool = True) -> argparse.ArgumentParser:
+    """The `crop` parser; without `training`, `crop data` and `crop train` are only named (see `add_stubs`)."""
     parser = argparse.ArgumentParser(prog="crop", description="Contextual region-oriented visual token pruning.")
+    parser.add_argument("--version", action="version", version=f"crop {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     ask = commands.add_parser("ask", help="answer a question about an image with pruned visual tokens")
@@ -164,7 +170,10 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--out", type=Path, default=Path("results") / "synth_attention_tuning.json")
     tune.add_argument("--threads", type=int, default=2)
     tune.set_defaults(run=_run_synth_tune)
-    add_training_commands(commands)
+    if training:
+        add_training_commands(commands)
+    else:
+        add_training_stubs(commands)
     return parser
 
 

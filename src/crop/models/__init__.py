@@ -1,4 +1,5 @@
-"""Model families: one adapter file each, registered with `crop.adapter.register` when imported here.
+"""Model families: one adapter file each, registered with `crop.adapter.register` when imported here (the core
+imports this package through the `crop.families` entry point, on the first adapter lookup).
 
 Adding a family is adding its file and one import line below.
 """

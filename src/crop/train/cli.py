@@ -8,6 +8,15 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
+COMMANDS = {"data": "build training data", "train": "training recipes for real models"}
+
+
+def add_stubs(commands: Any) -> None:
+    """`crop data` and `crop train` as names with their help only: their flags come from the training settings,
+    whose modules import torch, so they are built (`add_commands`) only when one of them is asked for."""
+    for name, text in COMMANDS.items():
+        commands.add_parser(name, help=text)
+
 
 def add_commands(commands: Any) -> None:
     """Add `crop data build-regions`, `crop train localizer` and `crop train plc` to the `crop` subcommands."""
@@ -15,7 +24,7 @@ def add_commands(commands: Any) -> None:
     from crop.train.plc import PLCTrainConfig
     from crop.train.regions import DEFAULT_MARGIN, SOURCES
 
-    data = commands.add_parser("data", help="build training data").add_subparsers(required=True, metavar="DATA_COMMAND")
+    data = commands.add_parser("data", help=COMMANDS["data"]).add_subparsers(required=True, metavar="DATA_COMMAND")
     build = data.add_parser(
         "build-regions", help="answer regions on the 8x8 grid from datasets with OCR or object boxes (JSONL + stats)"
     )
@@ -27,7 +36,7 @@ def add_commands(commands: Any) -> None:
     build.add_argument("--limit", type=int, help="read at most this many questions")
     build.set_defaults(run=_run_build_regions)
 
-    train = commands.add_parser("train", help="training recipes for real models").add_subparsers(
+    train = commands.add_parser("train", help=COMMANDS["train"]).add_subparsers(
         required=True, metavar="TRAIN_COMMAND"
     )
     for name, config_class, text in (
