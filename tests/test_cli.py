@@ -146,8 +146,8 @@ def test_methods_are_listed_and_selectable(checkpoint, image_path, capsys):
     assert "16 into the LLM" in capsys.readouterr().out
     assert main([*base, "--method", "random"]) == 2
     assert "needs a budget" in capsys.readouterr().err
-    assert main([*base, "--method", "crop"]) == 2
-    assert "no region" in capsys.readouterr().err
+    assert main([*base, "--method", "crop"]) == 0  # no region given: the default localizer finds one
+    assert "localized region: Region(" in capsys.readouterr().out
     assert main([*base, "--method", "magic", "--budget", "3"]) == 2
     assert "unknown method 'magic'" in capsys.readouterr().err
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from crop import __version__
-from crop.errors import CropError
+from crop.errors import ConfigError, CropError
 from crop.synth.assets import SHIPPED_MODEL
 from crop.train.cli import COMMANDS as TRAINING_COMMANDS
 from crop.train.cli import add_commands as add_training_commands
@@ -39,9 +41,10 @@ def _parser(training: bool = True) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     ask = commands.add_parser("ask", help="answer a question about an image with pruned visual tokens")
-    ask.add_argument("--model", required=True, help="local directory or hub id of a LLaVA-1.5 checkpoint")
+    ask.add_argument("--model", required=True, help="local directory or hub id of a supported VLM (`crop methods`; "
+                     "LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL)")  # fmt: skip
     ask.add_argument("--image", required=True, help="image file")
-    ask.add_argument("--question", required=True)
+    ask.add_argument("--question", required=True, type=_question, help="the question about the image")
     where = ask.add_mutually_exclusive_group()
     where.add_argument(
         "--region",
@@ -63,7 +66,7 @@ def _parser(training: bool = True) -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the whole pipeline offline on a built-in tiny model")
     demo.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="default: the shipped synthetic-task model")
-    demo.add_argument("--seed", type=int, default=0, help="index of the test-split question to ask")
+    demo.add_argument("--seed", type=_at_least(0), default=0, help="index of the test-split question to ask")
     demo.add_argument("--overlay", type=Path, default=Path("results") / "demo_overlay.png")
     _add_pruning_args(demo)
     demo.set_defaults(run=_run_demo)
@@ -74,19 +77,19 @@ def _parser(training: bool = True) -> argparse.ArgumentParser:
                      "else the attention localizer)")  # fmt: skip
     web.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
                      "0.0.0.0 exposes the page to the network)")  # fmt: skip
-    web.add_argument("--port", type=int, default=7860)
+    web.add_argument("--port", type=_at_least(1), default=7860)
     web.set_defaults(run=_run_serve_demo)
 
     bench = commands.add_parser("bench", help="measure prefill, decode, memory, KV cache and FLOPs per method")
     bench.add_argument("--shape", default="llava-1.5-7b", choices=["llava-1.5-7b", "small", "tiny"])
     bench.add_argument("--quick", action="store_true", help="small shape, 2 repeats, 8 new tokens (minutes on CPU)")
-    bench.add_argument("--budgets", type=int, nargs="+", default=[192, 128, 64])
-    bench.add_argument("--repeats", type=int, default=5)
-    bench.add_argument("--warmup", type=int, default=1)
-    bench.add_argument("--new-tokens", type=int, default=32)
+    bench.add_argument("--budgets", type=_at_least(1), nargs="+", default=[192, 128, 64])
+    bench.add_argument("--repeats", type=_at_least(1), default=5)
+    bench.add_argument("--warmup", type=_at_least(0), default=1)
+    bench.add_argument("--new-tokens", type=_at_least(1), default=32)
     bench.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    bench.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    bench.add_argument("--threads", type=_at_least(1), help="CPU threads (default: torch's)")
     bench.add_argument(
         "--llm-layers", type=int, help="LLM depth (default: the shape's; llava-1.5-7b is cut to 8 of 32 for 24 GiB)"
     )
@@ -103,8 +106,8 @@ def _parser(training: bool = True) -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="local copy: the official layout or a `datasets` copy")
     evaluate.add_argument("--split", help="split (or POPE category, ChartQA part) as the copy names it")
     evaluate.add_argument("--localizer", default="attention", help="attention (default), a localizer VLM path, none")
-    evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--limit", type=int, help="only the first N samples")
+    evaluate.add_argument("--batch-size", type=_at_least(1), default=8)
+    evaluate.add_argument("--limit", type=_at_least(1), help="only the first N samples")
     evaluate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     evaluate.add_argument("--out", type=Path, help="run folder (default results/eval/BENCH-METHOD-BUDGET)")
     _add_pruning_args(evaluate)
@@ -124,8 +127,10 @@ def _parser(training: bool = True) -> argparse.ArgumentParser:
     train = synth.add_parser("train", help="train the synthetic-task VLM from scratch (resumes from --out)")
     train.add_argument("--out", type=Path, default=Path("runs") / "synth", help="run directory (checkpoints, log)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--vision-steps", type=int, default=2500, help="stage 1: vision tower on per-patch heads")
-    train.add_argument("--steps", type=int, default=4000, help="stage 2: questions and localization")
+    train.add_argument(
+        "--vision-steps", type=_at_least(0), default=2500, help="stage 1: vision tower on per-patch heads"
+    )
+    train.add_argument("--steps", type=_at_least(0), default=4000, help="stage 2: questions and localization")
     train.add_argument(
         "--refine-steps", type=int, default=0, help="stage 3 (default off): a warm restart at a lower lr"
     )
@@ -151,24 +156,25 @@ def _parser(training: bool = True) -> argparse.ArgumentParser:
         "--ground-vocabulary", action=argparse.BooleanOptionalAction, default=True,
         help="start stage 2 with colour/shape/digit word embeddings from the per-patch heads",
     )  # fmt: skip
-    train.add_argument("--threads", type=int, default=2)
+    train.add_argument("--threads", type=_at_least(1), default=2)
     train.set_defaults(run=_run_synth_train)
     evaluate = synth.add_parser("eval", help="accuracy versus visual-token budget on the synthetic test split")
-    evaluate.add_argument("--model", type=Path, default=Path("runs") / "synth" / "model")
-    evaluate.add_argument("--n", type=int, default=1000, help="number of test questions")
-    evaluate.add_argument("--out", type=Path, default=Path("results") / "synth_eval.json")
-    evaluate.add_argument("--plot", type=Path, default=Path("results") / "synth_budget.png")
-    evaluate.add_argument("--threads", type=int, default=2)
+    evaluate.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="default: the shipped model")
+    evaluate.add_argument("--n", type=_at_least(1), default=1000, help="number of test questions")
+    evaluate.add_argument("--out", type=Path, default=Path("runs") / "synth-eval" / "synth_eval.json",
+                          help="results JSON (and .md beside it); results/ holds the committed ones")  # fmt: skip
+    evaluate.add_argument("--plot", type=Path, default=Path("runs") / "synth-eval" / "synth_budget.png")
+    evaluate.add_argument("--threads", type=_at_least(1), default=2)
     evaluate.add_argument("--attention-penalty", type=float, default=0.5, help="attention localizer's box penalty")
     evaluate.add_argument("--attention-rows", default="last", choices=["question", "last"])
     evaluate.set_defaults(run=_run_synth_eval)
     tune = synth.add_parser(
         "tune-attention", help="attention localizer's layer and penalty by localization IoU on the validation split"
     )
-    tune.add_argument("--model", type=Path, default=Path("runs") / "synth" / "model")
-    tune.add_argument("--n", type=int, default=300, help="number of validation questions")
-    tune.add_argument("--out", type=Path, default=Path("results") / "synth_attention_tuning.json")
-    tune.add_argument("--threads", type=int, default=2)
+    tune.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="default: the shipped model")
+    tune.add_argument("--n", type=_at_least(1), default=300, help="number of validation questions")
+    tune.add_argument("--out", type=Path, default=Path("runs") / "synth-eval" / "synth_attention_tuning.json")
+    tune.add_argument("--threads", type=_at_least(1), default=2)
     tune.set_defaults(run=_run_synth_tune)
     if training:
         add_training_commands(commands)
@@ -180,41 +186,110 @@ def _parser(training: bool = True) -> argparse.ArgumentParser:
 def _add_pruning_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="crop", help="pruning method (see `crop methods`; default crop; "
                         "full: no pruning)")  # fmt: skip
-    parser.add_argument("--budget", type=int, help="visual tokens to keep (needed by all methods but crop)")
+    parser.add_argument("--budget", type=_at_least(1), help="visual tokens to keep (needed by all methods but crop)")
     parser.add_argument(
-        "--ilp-layer", type=int, default=2, help="layer K of ILP / FastV (default 2; 0 = before the LLM)"
+        "--ilp-layer", type=_at_least(0), default=2, help="layer K of ILP / FastV (default 2; 0 = before the LLM; "
+        "--no-ilp disables ILP)"
     )
     parser.add_argument("--no-ilp", action="store_true", help="disable ILP")
-    parser.add_argument("--plc-ratio", type=int, default=0, help="PLC pooling ratio outside the region; 0 disables")
+    parser.add_argument(
+        "--plc-ratio", type=_at_least(0), default=0, help="PLC pooling ratio outside the region; 0 disables"
+    )
     parser.add_argument(
         "--learned-plc", help="folder of a learned PLC compressor (learned_plc.json + weights) for method crop"
     )
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=_at_least(1), default=16, help="answer length limit")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
 
 
-def _crop_model(model, processor, args: argparse.Namespace | None, localizer=None):
-    """CROP as the arguments ask, or with nothing pruned when `args` is None (the full-token answer)."""
-    import crop
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= `low`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"whole number >= {low}"
+    return parse
+
+
+def _question(text: str) -> str:
+    """An argparse type: a question with some text in it."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the question is empty; ask something about the image")
+    return text
+
+
+def _writable(path: Path | None) -> None:
+    """Refuse, before any work, an output path that cannot be written."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ConfigError(f"cannot write {path}: it is a folder; give a file name")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: cannot create {folder} ({exc.strerror or exc})") from exc
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"cannot write {path}: {folder} is not writable")
+
+
+def _method(args: argparse.Namespace):
+    """The pruning method the arguments name, built (and so checked) before any model is loaded."""
     from crop.strategies.registry import build_method
 
-    if args is None:
-        return crop.apply(model, processor, method="full")
     layer = -1 if args.no_ilp else args.ilp_layer
-    method = build_method(
+    return build_method(
         args.method, budget=args.budget, layer=layer, plc_ratio=args.plc_ratio or None, learned_plc=args.learned_plc
     )
-    return crop.apply(model, processor, localizer=localizer if method.needs_region else None, method=method)
 
 
 def _report(label: str, answer) -> None:
     row = answer.stats.rows[0]
-    seconds = ", ".join(f"{k} {v:.3f}s" for k, v in answer.stats.seconds.items())
     print(f"{label}: {answer.text!r}")
     print(
         f"  visual tokens: {row.image_tokens} in the image, {row.llm_input_tokens} into the LLM, {row.kept_tokens} "
-        f"kept after layer K (average over layers {row.average_tokens:.1f}); {answer.stats.method}; {seconds}"
+        f"kept after layer K (average over layers {row.average_tokens:.1f}); {answer.stats.method}"
     )
+
+
+def _answer_both(model, processor, method, localizer, image, question: str, max_new_tokens: int, full: bool):
+    """Answer with `method` (and, with `full`, with all tokens first), then time the prefills: a warm-up, then
+    the median of alternating runs (`crop.timing`)."""
+    import crop
+    from crop.localize import FixedLocalizer
+    from crop.timing import alternating_timings, describe_method
+
+    pruned = crop.apply(model, processor, localizer=localizer if method.needs_region else None, method=method)
+    try:
+        calls = {}
+        if full:
+            reference = crop.apply(model, processor, method="full")
+            full_request = reference.prepare(image, question)
+            _report("full answer", reference.ask(image, question, max_new_tokens=max_new_tokens))
+            calls["full"] = lambda: reference(full_request)
+        request = pruned.prepare(image, question)
+        region = request.regions[0] if request.regions else None  # localized once, answered and timed with it
+        answer = pruned.ask(image, question, region=region, max_new_tokens=max_new_tokens)
+        found = answer.stats.rows[0].region  # the localizer's, or the one a method like crop-fused chose
+        if found is not None:
+            print(f"{'region' if isinstance(localizer, FixedLocalizer) else 'localized region'}: {found}")
+        _report("pruned answer", answer)
+        calls["pruned"] = lambda: pruned(request)
+        if localizer is not None and method.needs_region:
+            calls["localize"] = lambda: localizer.localize(image, question)
+        timings = alternating_timings(calls)
+    finally:
+        pruned.remove()
+    shown = ", ".join(f"{name} {timing}" for name, timing in timings.items())
+    print(f"prefill time: {shown} ({describe_method()}; localization is not part of the prefill)")
+    return answer
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -278,32 +353,25 @@ def _run_methods(args: argparse.Namespace) -> int:
 def _run_ask(args: argparse.Namespace) -> int:
     from crop.image import load_image
     from crop.loading import load_model
+    from crop.localize import FixedLocalizer
     from crop.localize.by_name import localizer_by_name
     from crop.region import Region
     from crop.visualize import draw_overlay
 
-    image = load_image(args.image)
-    model, processor = load_model(args.model, attn_implementation=args.attn)
-    region = Region.from_grid(args.region) if args.region else None
-    localizer = None
     if args.localizer == "attention-fused":
         args.method = "crop-fused"
-    elif args.localizer:
+    method = _method(args)
+    region = Region.from_grid(args.region) if args.region else None
+    _writable(args.overlay)
+    image = load_image(args.image)
+    model, processor = load_model(args.model, attn_implementation=args.attn)
+    localizer = None
+    if region is not None:
+        localizer = FixedLocalizer(region)
+    elif method.needs_region:  # the model's own grid localizer if it has one, else its attention at K-1
         localizer = localizer_by_name(args.localizer, model, processor, layer=args.ilp_layer, model_path=args.model)
-    pruned = _crop_model(model, processor, args, localizer)
-    answer = pruned.ask(image, args.question, region=region, max_new_tokens=args.max_new_tokens)
-    if answer.stats.rows[0].region is not None:
-        print(f"region: {answer.stats.rows[0].region}")
-    _report("pruned answer", answer)
-    if args.compare:
-        pruned.remove()
-        full = _crop_model(model, processor, None)
-        _report(
-            "full answer",
-            full.ask(image, args.question, region=Region.full(), max_new_tokens=args.max_new_tokens),
-        )
+    answer = _answer_both(model, processor, method, localizer, image, args.question, args.max_new_tokens, args.compare)
     if args.overlay:
-        args.overlay.parent.mkdir(parents=True, exist_ok=True)
         draw_overlay(image, answer.stats.rows[0]).save(args.overlay)
         print(f"overlay: {args.overlay}")
     return 0
@@ -312,23 +380,17 @@ def _run_ask(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from crop.loading import load_model
     from crop.localize.by_name import localizer_by_name
-    from crop.region import Region
     from crop.synth.scene import make_sample
     from crop.visualize import draw_overlay
 
+    method = _method(args)
+    _writable(args.overlay)
     model, processor = load_model(args.model, attn_implementation=args.attn)
     localizer = localizer_by_name("default", model, processor, layer=args.ilp_layer, model_path=args.model)
     sample = make_sample("test", args.seed)
     print(f"model: {args.model}")
     print(f"question: {sample.question}  (true answer: {sample.answer}, answer region {list(sample.region.to_grid())})")
-    full = _crop_model(model, processor, None)
-    _report("full answer", full.ask(sample.image, sample.question, Region.full(), args.max_new_tokens))
-    pruned = _crop_model(model, processor, args, localizer)
-    answer = pruned.ask(sample.image, sample.question, max_new_tokens=args.max_new_tokens)
-    if answer.stats.rows[0].region is not None:
-        print(f"localized region: {answer.stats.rows[0].region}")
-    _report("pruned answer", answer)
-    args.overlay.parent.mkdir(parents=True, exist_ok=True)
+    answer = _answer_both(model, processor, method, localizer, sample.image, sample.question, args.max_new_tokens, True)
     draw_overlay(sample.image, answer.stats.rows[0]).save(args.overlay)
     print(f"overlay: {args.overlay}")
     return 0

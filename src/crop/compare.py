@@ -15,6 +15,7 @@ from crop.localize import Localizer
 from crop.region import Region
 from crop.stats import RowStats
 from crop.strategies.registry import build_method
+from crop.timing import Timing, alternating_timings
 from crop.visualize import draw_overlay
 
 MAX_PIXELS = 40_000_000
@@ -23,11 +24,16 @@ MAX_PIXELS = 40_000_000
 
 @dataclass
 class Side:
-    """One of the two answers: its text, the prefill time of its prompt and what it did with the visual tokens."""
+    """One of the two answers: its text, its prefill time (see `crop.timing`) and what it did with the visual
+    tokens."""
 
     answer: str
-    prefill_seconds: float
+    prefill: Timing
     stats: RowStats
+
+    @property
+    def prefill_seconds(self) -> float:
+        return self.prefill.median
 
 
 @dataclass
@@ -38,7 +44,7 @@ class Comparison:
     method: str
     full: Side
     pruned: Side
-    localize_seconds: float
+    localize: Timing | None
     overlay: Image.Image
     stage_overlays: list[tuple[str, Image.Image]] = field(default_factory=list)
 
@@ -51,13 +57,7 @@ def checked_image(image: Image.Image | str | Path | None) -> Image.Image:
     """The image as RGB, or `ImageError` for none at all or one too large to be worth processing."""
     if image is None:
         raise ImageError("no image: upload one or pick an example")
-    loaded = load_image(image)
-    width, height = loaded.size
-    if width * height > MAX_PIXELS:
-        raise ImageError(
-            f"image of {width}x{height} pixels is too large; accepted: up to {MAX_PIXELS // 1_000_000} megapixels"
-        )
-    return loaded
+    return load_image(image, limit=MAX_PIXELS)
 
 
 def compare(
@@ -79,9 +79,14 @@ def compare(
     full_model = crop.apply(model, processor, method="full")
     pruned_model = crop.apply(model, processor, localizer=localizer if pruning.needs_region else None, method=pruning)
     try:
-        full = _answer(full_model, picture, question, Region.full(), max_new_tokens)
-        inputs = pruned_model.prepare(picture, question)
-        pruned = _answer(pruned_model, picture, question, None, max_new_tokens, inputs)
+        full_request = full_model.prepare(picture, question)
+        pruned_request = pruned_model.prepare(picture, question)
+        calls = {"full": lambda: full_model(full_request), "pruned": lambda: pruned_model(pruned_request)}
+        if pruning.needs_region and localizer is not None:
+            calls["localize"] = lambda: localizer.localize(picture, question)
+        timings = alternating_timings(calls)
+        full = _answer(full_model, full_request, timings["full"], max_new_tokens)
+        pruned = _answer(pruned_model, pruned_request, timings["pruned"], max_new_tokens)
     finally:
         pruned_model.remove()
     row = pruned.stats
@@ -91,7 +96,7 @@ def compare(
         method=pruned_model.method.describe(),
         full=full,
         pruned=pruned,
-        localize_seconds=inputs["localize_seconds"],
+        localize=timings.get("localize"),
         overlay=draw_overlay(picture, row),
         stage_overlays=[(label, draw_overlay(picture, row, cells)) for label, cells in stages],
     )
@@ -100,22 +105,12 @@ def compare(
 def warm_up(model: Any, processor: Any) -> None:
     """One unpruned forward pass, so that the first timed prefill does not pay for lazy initialisation."""
     full_model = crop.apply(model, processor, method="full")
-    full_model(**full_model.prepare(Image.new("RGB", (224, 224), (128, 128, 128)), "warm up", [Region.full()]))
+    full_model(full_model.prepare(Image.new("RGB", (224, 224), (128, 128, 128)), "warm up"))
 
 
-def _answer(
-    crop_model: crop.CropModel,
-    image: Image.Image,
-    question: str,
-    region: Region | None,
-    max_new_tokens: int,
-    inputs: dict[str, Any] | None = None,
-) -> Side:
-    """Prefill timed on its own (one forward pass), then the greedy answer."""
-    if inputs is None:
-        inputs = crop_model.prepare(image, question, [region])
-    _, stats = crop_model(**inputs)
-    length = inputs["input_ids"].shape[1]
-    sequences, _ = crop_model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+def _answer(crop_model: crop.CropModel, request: crop.Request, prefill: Timing, max_new_tokens: int) -> Side:
+    """The greedy answer to `request`, with the prefill's timing and the call's stats."""
+    sequences, stats = crop_model.generate(request, max_new_tokens=max_new_tokens, do_sample=False)
+    length = request["input_ids"].shape[1]
     text = crop_model.processor.batch_decode(sequences[:, length:], skip_special_tokens=True)[0]
-    return Side(text.strip(), stats.seconds["forward"], stats.rows[0])
+    return Side(text.strip(), prefill, stats.rows[0])

@@ -14,6 +14,12 @@ def load_model(path: str | Path, attn_implementation: str = "sdpa", dtype: str =
     import torch
     from transformers import AutoModelForImageTextToText
 
+    text = str(path)
+    if not Path(path).exists() and (text.count("/") != 1 or text.startswith((".", "/", "~"))):
+        raise UnsupportedModelError(
+            f"cannot load a vision-language model from {path}: it is not a folder here, nor a hub id of the form "
+            "owner/name (e.g. llava-hf/llava-1.5-7b-hf)"
+        )
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             path, attn_implementation=attn_implementation, dtype=getattr(torch, dtype)
@@ -21,8 +27,8 @@ def load_model(path: str | Path, attn_implementation: str = "sdpa", dtype: str =
         processor = _processor_class(path).from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:
         raise UnsupportedModelError(
-            f"cannot load a vision-language model from {path}: {exc}. Expected a directory (or hub id) holding a "
-            "Hugging Face image-text-to-text model and its processor, e.g. llava-hf/llava-1.5-7b-hf"
+            f"cannot load a vision-language model from {path}: {_short(exc)}. Expected a directory (or hub id) "
+            "holding a Hugging Face image-text-to-text model and its processor, e.g. llava-hf/llava-1.5-7b-hf"
         ) from exc
     if getattr(processor, "image_processor", None) is None:
         raise UnsupportedModelError(
@@ -48,3 +54,9 @@ def _saved_processor_class(path: str | Path) -> str | None:
     """The processor class named in a local directory's processor_config.json, if any."""
     config = Path(path) / "processor_config.json"
     return json.loads(config.read_text()).get("processor_class") if config.is_file() else None
+
+
+def _short(exc: Exception, limit: int = 300) -> str:
+    """The gist of a transformers loading error: its first part, without the list of every known model type."""
+    text = str(exc).split("Model type should be one of")[0].strip().rstrip(".")
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -20,6 +20,7 @@ from crop.loading import load_model
 from crop.localize.by_name import localizer_by_name
 from crop.strategies.registry import METHODS
 from crop.synth.scene import make_sample
+from crop.timing import describe_method
 
 logger = logging.getLogger(__name__)
 
@@ -68,16 +69,17 @@ def describe(comparison: Comparison) -> tuple[str, str]:
     full, pruned = comparison.full, comparison.pruned
     full_text = (
         f"**visual tokens:** {full.stats.image_tokens} into the LLM, {full.stats.kept_tokens} kept  \n"
-        f"**prefill:** {full.prefill_seconds * 1000:.1f} ms"
+        f"**prefill:** {full.prefill}"
     )
     region = "none (the method picks tokens itself)" if comparison.region is None else str(comparison.region)
+    localize = "" if comparison.localize is None else f"; localization {comparison.localize}, not included"
     pruned_text = (
         f"**method:** {comparison.method}  \n"
         f"**region:** {region}  \n"
         f"**visual tokens:** {pruned.stats.image_tokens} in the image, {pruned.stats.llm_input_tokens} into the "
         f"LLM, {pruned.stats.kept_tokens} kept (average over layers {pruned.stats.average_tokens:.1f})  \n"
-        f"**prefill:** {pruned.prefill_seconds * 1000:.1f} ms (localization {comparison.localize_seconds * 1000:.1f}"
-        " ms, not included)"
+        f"**prefill:** {pruned.prefill}{localize}  \n"
+        f"*times: {describe_method()}*"
     )
     return full_text, pruned_text
 

@@ -14,7 +14,17 @@ def load_summaries(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
     missing = [str(d) for d in run_dirs if not (Path(d) / "summary.json").is_file()]
     if missing:
         raise ConfigError(f"no summary.json in {', '.join(missing)}: expected folders written by `crop eval --out`")
-    return [json.loads((Path(d) / "summary.json").read_text()) for d in run_dirs]
+    summaries = []
+    for folder in run_dirs:
+        path = Path(folder) / "summary.json"
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}; expected the summary `crop eval` writes") from exc
+        if not isinstance(summary, dict) or not {"config", "metrics", "answered", "samples"} <= set(summary):
+            raise ConfigError(f"{path} is not a summary written by `crop eval` (config, metrics, answered, samples)")
+        summaries.append(summary)
+    return summaries
 
 
 def markdown_table(summaries: list[dict[str, Any]]) -> str:

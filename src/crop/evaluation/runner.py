@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from crop.errors import ConfigError
+from crop.errors import ConfigError, CropError
 from crop.evaluation.tasks import EvalSample, Task, get_task
 from crop.image import load_image
 
@@ -51,8 +52,14 @@ class RunConfig:
     limit: int | None = None
 
     def identity(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the records already written."""
-        return {k: v for k, v in asdict(self).items() if k not in ("batch_size", "limit")}
+        """The settings a resumed run must share with the records already written; local paths compare resolved
+        (a trailing slash or a relative path names the same folder)."""
+        identity = {k: v for k, v in asdict(self).items() if k not in ("batch_size", "limit")}
+        for key in ("model", "data", "learned_plc", "localizer"):
+            value = identity[key]
+            if isinstance(value, str) and value and Path(value).exists():
+                identity[key] = str(Path(value).resolve())
+        return identity
 
     @property
     def label(self) -> str:
@@ -91,12 +98,27 @@ def run(config: RunConfig, out: str | Path, model: Any = None, processor: Any = 
     return _summarise(task, config, samples, out)
 
 
+MALFORMED = (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError, AttributeError, ValueError)
+"""What reading a copy whose files are not of the benchmark's structure raises (a file cut short, a list where a
+table was expected, a missing column...): turned into one `ConfigError` naming the copy and the accepted forms."""
+
+
 def _samples(task: Task, config: RunConfig) -> list[EvalSample]:
     samples = []
-    for sample in task.samples(config.data, config.split):
-        if config.limit is not None and len(samples) >= config.limit:
-            break
-        samples.append(sample)
+    try:
+        for sample in task.samples(config.data, config.split):
+            if config.limit is not None and len(samples) >= config.limit:
+                break
+            samples.append(sample)
+    except CropError:
+        raise
+    except OSError as exc:
+        raise ConfigError(f"{task.name}: cannot read {config.data}: {exc}") from exc
+    except MALFORMED as exc:
+        raise ConfigError(
+            f"{task.name}: {config.data} is not a readable copy of the benchmark ({type(exc).__name__}: {exc}). "
+            f"{task.formats()}"
+        ) from exc
     if not samples:
         raise ConfigError(f"{task.name}: no samples in {config.data} (split {config.split or 'default'})")
     ids = [s.id for s in samples]
@@ -106,19 +128,60 @@ def _samples(task: Task, config: RunConfig) -> list[EvalSample]:
 
 
 def _claim(out: Path, config: RunConfig) -> None:
-    """Create the run folder, or check that the one there holds the same run (refusing to mix results)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Create the run folder, or check that the one there holds the same run (refusing to mix results) and that
+    a `limit` would not overwrite the summary of a larger run."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the run folder {out}: {exc.strerror or exc}") from exc
     path = out / "config.json"
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        previous_identity = RunConfig(**{f.name: previous[f.name] for f in fields(RunConfig)}).identity()
-        if previous_identity != config.identity():
-            changed = sorted(k for k, v in config.identity().items() if previous_identity.get(k) != v)
+    previous = _read_config(path) if path.is_file() else None
+    if previous is None and path.is_file() and any(out.glob("shard-*.jsonl")):
+        raise ConfigError(f"{path} is unreadable but the folder holds answers; give another --out folder")
+    if previous is not None:
+        if previous.identity() != config.identity():
+            changed = sorted(k for k, v in config.identity().items() if previous.identity().get(k) != v)
             raise ConfigError(
                 f"{out} holds a run with other settings ({', '.join(changed)} differ); resume it with the same "
                 "settings or give another --out folder"
             )
-    path.write_text(json.dumps(asdict(config), indent=2) + "\n")
+        summary = _read_json(out / "summary.json")
+        if config.limit is not None and summary and summary.get("answered", 0) > config.limit:
+            raise ConfigError(
+                f"{out} holds a summary of {summary['answered']} answers; a run with --limit {config.limit} would "
+                "replace it with a smaller one: give another --out folder"
+            )
+        if asdict(previous) == asdict(config):
+            return
+    write_atomic(path, json.dumps(asdict(config), indent=2) + "\n")
+
+
+def _read_config(path: Path) -> RunConfig | None:
+    """The run's saved settings, or None if the file is not a complete settings file."""
+    saved = _read_json(path)
+    try:
+        return RunConfig(**{f.name: saved[f.name] for f in fields(RunConfig)}) if saved else None
+    except (KeyError, TypeError):
+        return None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file renamed over it: a reader (or a kill) sees the old file or
+    the new one, never half of one."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
 
 
 def read_records(out: Path) -> dict[str, dict]:
@@ -210,8 +273,7 @@ def _summarise(task: Task, config: RunConfig, samples: list[EvalSample], out: Pa
     """Merge the shards in benchmark order and write predictions.jsonl, summary.json and summary.md."""
     by_id = read_records(out)
     records = [by_id[s.id] for s in samples if s.id in by_id]
-    with (out / "predictions.jsonl").open("w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(record) + "\n" for record in records)
+    write_atomic(out / "predictions.jsonl", "".join(json.dumps(record) + "\n" for record in records))
     count = len(records)
     summary = {
         "config": asdict(config),
@@ -224,8 +286,8 @@ def _summarise(task: Task, config: RunConfig, samples: list[EvalSample], out: Pa
         "visual_tokens": sum(r["visual_tokens"] for r in records) / max(1, count),
         "average_visual_tokens": sum(r["average_visual_tokens"] for r in records) / max(1, count),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     from crop.evaluation.report import markdown_table
 
-    (out / "summary.md").write_text(markdown_table([summary]) + "\n")
+    write_atomic(out / "summary.md", markdown_table([summary]) + "\n")
     return summary

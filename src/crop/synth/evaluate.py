@@ -230,7 +230,7 @@ def _run_variant(model, processor, variant: Variant, samples, regions, batch_siz
     finally:
         pruned.remove()
     right, total = sum(correct.values()), sum(totals.values())
-    accuracy = {kind: correct[kind] / totals[kind] for kind in KINDS} | {"all": right / total}
+    accuracy = {kind: correct[kind] / totals[kind] if totals[kind] else None for kind in KINDS} | {"all": right / total}
     interval = {kind: wilson(correct[kind], totals[kind]) for kind in KINDS} | {"all": wilson(right, total)}
     return {
         "name": variant.name,
@@ -249,6 +249,9 @@ def _localization_report(samples, predicted, side: int, localizer: Any, seconds:
     report: dict[str, Any] = {"fallbacks": localizer.fallback_count, "seconds_per_sample": seconds}
     for kind in (*KINDS, "all"):
         chosen = [(s, p) for s, p in zip(samples, predicted, strict=True) if kind in (s.kind, "all")]
+        if not chosen:  # a small --n may hold no question of this kind
+            report[kind] = None
+            continue
         ious = [grid_iou(s.region, p) for s, p in chosen]
         report[kind] = {
             "mean_iou": statistics.mean(ious),
@@ -329,6 +332,9 @@ def markdown_table(results: dict[str, Any]) -> str:
         cells = []
         for kind in kinds:
             low, high = row["ci95"][kind]
+            if row["accuracy"][kind] is None:  # no question of this kind among the ones asked
+                cells.append("-")
+                continue
             cells.append(f"{100 * row['accuracy'][kind]:.1f} ({100 * low:.0f}-{100 * high:.0f})")
         retention = "-" if row["retention"]["all"] is None else f"{100 * row['retention']['all']:.1f}%"
         lines.append(

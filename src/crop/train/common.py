@@ -52,7 +52,12 @@ class TrainingSettings:
 
 def config_from_file(cls: type[Config], path: str | Path | None, **overrides: Any) -> Config:
     """`cls` from a JSON settings file (or none), then `overrides` (None values leave the file's)."""
-    values = json.loads(Path(path).read_text()) if path else {}
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8")) if path else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read the settings file {path}: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ConfigError(f"the settings file {path} must hold a JSON object of settings")
     unknown = sorted(set(values) - {f.name for f in fields(cls)})
     if unknown:
         raise ConfigError(f"unknown training settings in {path}: {', '.join(unknown)}")
@@ -66,8 +71,17 @@ def read_rows(path: str | Path, keys: tuple[str, ...] = ("image", "question", "g
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no region data at {path}: expected the JSONL written by `crop data build-regions`")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} line {number} is not JSON ({exc}); expected one object per line") from exc
     for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path} row {number} is not a JSON object (needs {', '.join(keys)})")
         missing = [key for key in keys if key not in row]
         if missing:
             raise ConfigError(f"{path} line {number} lacks {', '.join(missing)} (needs {', '.join(keys)})")
