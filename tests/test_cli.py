@@ -108,6 +108,7 @@ def test_ask_unloadable_model(tmp_path, image_path, capsys):
     assert "cannot load a vision-language model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_runs_offline_as_a_command(tmp_path):
     """`crop demo` with the shipped synthetic-task model: a generated image, its localized region, the answers."""
     result = subprocess.run(

@@ -103,6 +103,7 @@ def test_a_partial_run_resumes_to_the_uninterrupted_result(tmp_path, loaded, che
     )
 
 
+@pytest.mark.slow
 def test_a_killed_run_restarts_where_it_stopped(tmp_path, checkpoint):
     write_benchmark("textvqa", tmp_path / "data", "official", count=20)
     assert main(eval_args(checkpoint, tmp_path / "data", tmp_path / "whole")) == 0
@@ -135,6 +136,7 @@ def test_a_run_folder_refuses_other_settings(tmp_path, loaded, checkpoint):
         run(other, tmp_path / "run", *loaded)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
                     reason="torchrun is not installed beside this Python")  # fmt: skip
 def test_two_processes_give_the_single_process_results(tmp_path, checkpoint):

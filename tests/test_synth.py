@@ -50,6 +50,7 @@ def test_training_pixels_equal_the_processor():
     torch.testing.assert_close(pixel_values(images), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_training_runs_and_resumes(tmp_path):
     config = dict(vision_steps=1, images_per_step=2, checkpoint_every=2, eval_every=2, eval_samples=4, steps=1)
     trainer = Trainer(tmp_path, TrainConfig(refine_steps=0, **config))
@@ -74,6 +75,7 @@ def test_learning_rate_restarts_lower_for_the_refine_stage(tmp_path):
     assert all(a >= b for a, b in zip(refine[4:-1], refine[5:], strict=True))
 
 
+@pytest.mark.slow
 def test_joint_plc_training_lowers_the_loss_and_saves_the_compressor(tmp_path):
     config = TrainConfig(vision_steps=0, steps=2, images_per_step=2, plc_share=1.0, locate_share=0.0,
                          grounding_weight=0.0, checkpoint_every=2, eval_every=100, eval_samples=2)  # fmt: skip

@@ -25,6 +25,7 @@ def test_grid_iou():
     assert grid_iou(a, Region.from_grid([0, 0, 3, 1])) == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_evaluation_runs_and_counts_tokens(tmp_path):
     model_dir = tmp_path / "model"
     build_synth_model(attn_implementation="sdpa").save_pretrained(model_dir)

@@ -47,6 +47,7 @@ def data(tmp_path):
     return folder / "regions.jsonl"
 
 
+@pytest.mark.slow
 def test_localizer_learns_to_answer_grid_boxes_and_reloads(tiny_dir, data, tmp_path):
     config = LocalizerTrainConfig(
         data=str(data), eval_data=str(data), model=str(tiny_dir), out=str(tmp_path / "run"), lora=False,
@@ -65,6 +66,7 @@ def test_localizer_learns_to_answer_grid_boxes_and_reloads(tiny_dir, data, tmp_p
     assert (tmp_path / "run" / "final" / "crop_localizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_localizer_with_lora_lowers_the_loss(tiny_dir, data, tmp_path):
     config = LocalizerTrainConfig(
         data=str(data), model=str(tiny_dir), out=str(tmp_path / "run"), lora=True, lora_rank=8,
@@ -76,6 +78,7 @@ def test_localizer_with_lora_lowers_the_loss(tiny_dir, data, tmp_path):
     assert not any("lora" in name for name, _ in reloaded.model.named_parameters())  # merged
 
 
+@pytest.mark.slow
 def test_localizer_on_qwen2_vl_in_memory(data, tmp_path):
     """The paper's localizer family: the Qwen2-VL processor's prompts and labels train (a saved tiny Qwen2-VL does
     not load back through AutoProcessor in transformers 5.24, so the loaded objects are passed in)."""
@@ -115,6 +118,7 @@ def test_plc_learned_with_lora_lowers_the_loss_reloads_and_resumes(tiny_dir, dat
     assert [record["step"] for record in log] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_plc_run_resumes_mid_epoch(tiny_dir, data, tmp_path):
     """Two batches an epoch: stopped after step 5 (one batch into the third epoch), the rerun skips that batch
     and makes steps 6 to 8 only."""

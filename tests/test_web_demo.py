@@ -128,6 +128,7 @@ def server():
         process.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_the_page_answers_both_ways_shows_counts_and_survives_bad_input(server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
