@@ -131,7 +131,7 @@ def with_lora(model: Any, settings: TrainingSettings, without: str) -> Any:
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as exc:
-        raise ConfigError(f"LoRA needs PEFT: pip install peft (or train with {without})") from exc
+        raise ConfigError(f"LoRA needs PEFT: pip install 'crop[train]' (or train with {without})") from exc
     targets = rf".*language_model.*\.({'|'.join(settings.lora_targets)})$"
     lora = LoraConfig(
         r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,

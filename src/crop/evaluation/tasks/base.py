@@ -36,6 +36,19 @@ class EvalSample:
     extra: dict = field(default_factory=dict)
 
 
+def import_datasets() -> Any:
+    """The `datasets` package (imported only for copies in its forms: it is slow to import), or a clear error
+    where the evaluation extra is not installed."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ConfigError(
+            "reading a Hugging Face `datasets` copy (save_to_disk or parquet) needs the evaluation extra: "
+            "pip install 'crop[eval]'"
+        ) from exc
+    return datasets
+
+
 class Task:
     """One benchmark: reads a local copy, builds the question text for the model, scores answers and sums up a run.
 
@@ -162,8 +175,7 @@ class HubCopy:
         ("validation-00000-of-00004.parquet" is in split "validation").
         """
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            import datasets  # imported only for copies in this form: it is slow to import
-
+            datasets = import_datasets()
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, datasets.DatasetDict):
                 return cls(path, dict(loaded))
@@ -181,7 +193,7 @@ class HubCopy:
 
     def load(self, split: str | None, default: str, task: Task, columns: tuple[str, ...] | None = None) -> Any:
         """The dataset of `split` (or `default`; a copy with one split needs none), checked for the task's columns."""
-        import datasets
+        datasets = import_datasets()
 
         name = split or default
         if name not in self.splits:
