@@ -110,6 +110,19 @@ def test_generate_until_matches_crop_apply(
     assert lm.kept_tokens == [8, 8]
 
 
+def test_full_is_a_method_of_the_bridge(lmms_eval: Any, model_dir: Path, images: list[Image.Image]) -> None:
+    """`method=full` answers with every visual token, as the unpruned model does."""
+    lm = CropLMM(pretrained=str(model_dir), method="full")
+    answers = lm.generate_until(requests(lm, [[image] for image in images], QUESTIONS))
+    model, processor = load_model(model_dir)
+    reference = crop.apply(model, processor, method="full")
+    request = reference.prepare(images, QUESTIONS)
+    sequences, stats = reference.generate(request, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    texts = processor.batch_decode(sequences[:, request["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert sorted(answers) == sorted(text.split(STOP, 1)[0] for text in texts)
+    assert lm.kept_tokens == [row.image_tokens for row in stats.rows]
+
+
 def test_unsupported_requests_are_refused_clearly(lmms_eval: Any, model_dir: Path, images: list[Image.Image]) -> None:
     lm = CropLMM(pretrained=str(model_dir), method="fastv", budget=8)
     with pytest.raises(NotImplementedError, match="exactly one image per request"):
