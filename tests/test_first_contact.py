@@ -192,6 +192,8 @@ def test_other_commands_refuse_bad_counts_and_files(tmp_path, capsys):
     (tmp_path / "settings.json").write_text("[1]")
     cases = [
         (["bench", "--repeats", "0"], "whole number >= 1"),
+        (["bench", "--out", str(tmp_path / "settings.json" / "bench.json")], "cannot write"),
+        (["synth", "eval", "--out", str(tmp_path)], "it is a folder"),
         (["bench", "--budgets", "64", "0"], "whole number >= 1"),
         (["synth", "eval", "--n", "0"], "whole number >= 1"),
         (["report", str(tmp_path / "run")], "cannot read"),

@@ -295,6 +295,7 @@ def _answer_both(model, processor, method, localizer, image, question: str, max_
 def _run_bench(args: argparse.Namespace) -> int:
     from crop import bench
 
+    _writable(args.out)
     if args.quick:
         args.shape, args.repeats, args.new_tokens = "small", 2, 8
     report = bench.run(
@@ -331,6 +332,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _run_report(args: argparse.Namespace) -> int:
     from crop.evaluation.report import load_summaries, markdown_table, plot
 
+    _writable(args.out)
     summaries = load_summaries(args.runs)
     table = markdown_table(summaries)
     print(table)
@@ -436,6 +438,7 @@ def _run_synth_train(args: argparse.Namespace) -> int:
 def _run_synth_tune(args: argparse.Namespace) -> int:
     from crop.synth.evaluate import tune_attention_localizer
 
+    _writable(args.out)
     results = tune_attention_localizer(args.model, count=args.n, threads=args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
@@ -451,6 +454,8 @@ def _run_synth_tune(args: argparse.Namespace) -> int:
 def _run_synth_eval(args: argparse.Namespace) -> int:
     from crop.synth.evaluate import evaluate, markdown_table
 
+    _writable(args.out)
+    _writable(args.plot)
     results = evaluate(
         args.model, count=args.n, out=args.out, plot=args.plot, threads=args.threads,
         attention_penalty=args.attention_penalty, attention_rows=args.attention_rows,

@@ -75,9 +75,13 @@ def run(config: RunConfig, out: str | Path, model: Any = None, processor: Any = 
     """
     from accelerate import PartialState
 
+    from crop.strategies.registry import build_method
+
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only processes join with gloo
     out = Path(out)
     task = get_task(config.bench)
+    build_method(config.method, budget=config.budget, layer=config.layer, plc_ratio=config.plc_ratio,
+                 learned_plc=config.learned_plc)  # settings checked before any sample or model is read  # fmt: skip
     samples = _samples(task, config)
     if state.is_main_process:
         _claim(out, config)
