@@ -1,4 +1,4 @@
-"""Tiny copies of the nine benchmarks for tests, in their official layouts or as Hugging Face `datasets` copies.
+"""Tiny copies of the benchmarks for tests, in their official layouts or as Hugging Face `datasets` copies.
 
 `write_benchmark(name, root, form)` writes a few samples of one benchmark under `root` and returns what a reader of
 `root` must yield. The expected prompts are lmms-eval's templates written out here by hand, never computed with a
@@ -569,6 +569,110 @@ def ocrbench_hub(samples: list[Sample]) -> list[Table]:
     return [Table(None, "test", features, rows)]
 
 
+# --- MME: MME_Benchmark_release_version/<subtask>/ (images and <name>.txt, or images/, questions_answers_YN/)
+
+
+MME_SUBTASKS = (("existence", ".png", False), ("artwork", ".jpg", True), ("code_reasoning", ".png", False))
+"""(subtask, image suffix, whether it keeps images/ and questions_answers_YN/ apart), in MME's reading order."""
+
+
+def mme_samples(sizes: list[tuple[int, int]]) -> list[Sample]:
+    """Two questions per image (the last image may have one), images dealt to the subtasks in turn; in reading
+    order: subtask, then image name, then line. Ids: "<subtask>/<image>#<line>" (a `datasets` copy: #<row>)."""
+    samples = []
+    for i in range(len(sizes)):
+        image, line = i // 2, i % 2
+        size = sizes[2 * image]  # both questions of an image see it at one size
+        subtask, suffix, _ = MME_SUBTASKS[image % len(MME_SUBTASKS)]
+        name = f"{image:04d}{suffix}"
+        question = f"Is there a {'red' if line == 0 else 'blue'} thing in picture {image}? Please answer yes or no."
+        prompt = f"Is there a {'red' if line == 0 else 'blue'} thing in picture {image}?{SHORT}"
+        fields = {"subtask": subtask, "name": name, "line": line}
+        answer = ["Yes" if line == 0 else "No"]
+        samples.append(Sample(f"{subtask}/{name}#{line}", question, answer, size, prompt, fields))
+    order = [name for name, _, _ in MME_SUBTASKS]
+    samples.sort(key=lambda s: (order.index(s.fields["subtask"]), s.fields["name"], s.fields["line"]))
+    for row, s in enumerate(samples):
+        s.hub_id = f"{s.fields['subtask']}/{s.fields['name']}#{row}"
+    return samples
+
+
+def mme_official(root: Path, samples: list[Sample]) -> None:
+    release = root / "MME_Benchmark_release_version"
+    lines: dict[tuple[str, str], list[str]] = {}
+    for s in samples:
+        subtask, name = s.fields["subtask"], s.fields["name"]
+        apart = dict((n, a) for n, _, a in MME_SUBTASKS)[subtask]
+        write_image(release / subtask / ("images" if apart else "") / name, s.size)
+        lines.setdefault((subtask, name), []).append(f"{s.question}\t{s.answers[0]}")
+    for (subtask, name), texts in lines.items():
+        apart = dict((n, a) for n, _, a in MME_SUBTASKS)[subtask]
+        folder = release / subtask / ("questions_answers_YN" if apart else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / (Path(name).stem + ".txt")).write_text("\n".join(texts) + "\n", encoding="utf-8")
+
+
+def mme_hub(samples: list[Sample]) -> list[Table]:
+    features = {"question_id": TEXT, "image": IMAGE, "question": TEXT, "answer": TEXT, "category": TEXT}
+    rows = [
+        {"question_id": f"{s.fields['subtask']}/{s.fields['name']}", "image": png(s.size), "question": s.question,
+         "answer": s.answers[0], "category": s.fields["subtask"]}
+        for s in samples
+    ]  # fmt: skip
+    return [Table(None, "test", features, rows)]
+
+
+# --- SEED-Bench (image): SEED-Bench.json + SEED-Bench-image/; lmms-lab/SEED-Bench --------------------------------
+
+SEED_DIMENSIONS = {"Scene Understanding": 1, "Instance Identity": 2, "Instance Attributes": 3}
+
+
+def seedbench_samples(sizes: list[tuple[int, int]]) -> list[Sample]:
+    """Dimensions taken in turn; ids are question ids; a video question (not a sample) sits among them in files."""
+    samples = []
+    for i, size in enumerate(sizes):
+        choices = [f"a cat {i}", f"a dog {i}", f"a bird {i}", f"a fish {i}"]
+        question = f"What animal is in photo {i}?"
+        prompt = f"{question}\nA. {choices[0]}\nB. {choices[1]}\nC. {choices[2]}\nD. {choices[3]}{CHOICE}"
+        dimension = list(SEED_DIMENSIONS)[i % len(SEED_DIMENSIONS)]
+        fields = {"choices": choices, "dimension": dimension, "data_id": f"{i}.jpg"}
+        samples.append(Sample(str(100 + i), question, ["ABCD"[i % 4]], size, prompt, fields))
+    return samples
+
+
+def seedbench_question(s: Sample) -> dict:
+    choices = {f"choice_{letter}": choice for letter, choice in zip("abcd", s.fields["choices"], strict=True)}
+    return {"question_id": s.id, "question": s.question, **choices, "answer": s.answers[0], "data_type": "image",
+            "question_type_id": SEED_DIMENSIONS[s.fields["dimension"]], "data_id": s.fields["data_id"]}  # fmt: skip
+
+
+VIDEO_QUESTION = {"question_id": "9", "question": "What happens next?", "choice_a": "a", "choice_b": "b",
+                  "choice_c": "c", "choice_d": "d", "answer": "A", "data_type": "video", "question_type_id": 10,
+                  "data_id": "v.mp4"}  # fmt: skip
+
+
+def seedbench_official(root: Path, samples: list[Sample]) -> None:
+    questions = [seedbench_question(s) for s in samples]
+    questions.insert(min(1, len(questions)), VIDEO_QUESTION)
+    write_json(root / "SEED-Bench.json", {"questions": questions, "question_type": SEED_DIMENSIONS | {"Action": 10}})
+    images = folder(root / "SEED-Bench-image")
+    for s in samples:
+        write_image(images / s.fields["data_id"], s.size)
+
+
+def seedbench_hub(samples: list[Sample]) -> list[Table]:
+    features = {"question_id": TEXT, "question": TEXT, **{f"choice_{c}": TEXT for c in "abcd"}, "answer": TEXT,
+                "data_type": TEXT, "question_type_id": INT, "image": datasets.List(IMAGE)}  # fmt: skip
+    rows = []
+    for s in samples:
+        question = seedbench_question(s)
+        del question["data_id"]
+        rows.append(question | {"image": [png(s.size)]})
+    video = {k: v for k, v in VIDEO_QUESTION.items() if k != "data_id"} | {"image": [png((8, 8)), png((8, 8))]}
+    rows.insert(min(1, len(rows)), video)
+    return [Table(None, "test", features, rows)]
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "textvqa": Benchmark(textvqa_samples, textvqa_official, textvqa_hub),
     "docvqa": Benchmark(docvqa_samples, docvqa_official, docvqa_hub),
@@ -579,6 +683,8 @@ BENCHMARKS: dict[str, Benchmark] = {
     "pope": Benchmark(pope_samples, pope_official, pope_hub),
     "scienceqa": Benchmark(scienceqa_samples, scienceqa_official, scienceqa_hub),
     "ocrbench": Benchmark(ocrbench_samples, ocrbench_official, ocrbench_hub),
+    "mme": Benchmark(mme_samples, mme_official, mme_hub),
+    "seedbench": Benchmark(seedbench_samples, seedbench_official, seedbench_hub),
 }
 SUPPORTED: tuple[tuple[str, str], ...] = tuple((name, form) for name in BENCHMARKS for form in FORMS)
 """Every (benchmark, form) pair `write_benchmark` writes."""

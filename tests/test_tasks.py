@@ -32,7 +32,8 @@ def sizes(samples: list[EvalSample]) -> list[tuple[int, int]]:
 
 
 def test_registry_names_every_benchmark():
-    names = ["textvqa", "docvqa", "infovqa", "chartqa", "gqa", "vqav2", "pope", "scienceqa", "ocrbench"]
+    names = ["textvqa", "docvqa", "infovqa", "chartqa", "gqa", "vqav2", "pope", "scienceqa", "ocrbench", "mme",
+             "seedbench"]  # fmt: skip
     assert sorted(TASKS) == sorted(names) == sorted(BENCHMARKS)
     assert all(get_task(name).name == name for name in names)
     with pytest.raises(ConfigError, match="unknown task 'mmmu'.*textvqa.*ocrbench"):

@@ -101,21 +101,28 @@ def _parser(training: bool = True) -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="accuracy on a real benchmark from a local copy (resumable)")
     evaluate.add_argument("--model", required=True, help="local directory or hub id of the VLM")
-    evaluate.add_argument("--bench", required=True, help="textvqa, docvqa, infovqa, chartqa, gqa, vqav2, pope, "
-                          "scienceqa or ocrbench")  # fmt: skip
-    evaluate.add_argument("--data", required=True, help="local copy: the official layout or a `datasets` copy")
+    which = evaluate.add_mutually_exclusive_group(required=True)
+    which.add_argument("--bench", help="textvqa, docvqa, infovqa, chartqa, gqa, vqav2, pope, scienceqa, ocrbench, "
+                       "mme or seedbench")  # fmt: skip
+    which.add_argument("--suite", choices=["standard"], help="standard: every benchmark of the pruning literature's "
+                       "table found under --data (one folder per benchmark, named as --bench names it)")  # fmt: skip
+    evaluate.add_argument("--data", required=True, help="local copy: the official layout or a `datasets` copy "
+                          "(with --suite: the folder holding one copy per benchmark)")  # fmt: skip
     evaluate.add_argument("--split", help="split (or POPE category, ChartQA part) as the copy names it")
     evaluate.add_argument("--localizer", default="attention", help="attention (default), a localizer VLM path, none")
     evaluate.add_argument("--batch-size", type=_at_least(1), default=8)
     evaluate.add_argument("--limit", type=_at_least(1), help="only the first N samples")
     evaluate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    evaluate.add_argument("--out", type=Path, help="run folder (default results/eval/BENCH-METHOD-BUDGET)")
+    evaluate.add_argument("--out", type=Path, help="run folder (default results/eval/BENCH-METHOD-BUDGET; with "
+                          "--suite, the folder of one run folder per benchmark, default results/eval)")  # fmt: skip
     _add_pruning_args(evaluate)
     evaluate.set_defaults(run=_run_eval)
 
     report = commands.add_parser("report", help="compare `crop eval` runs: a table and accuracy versus tokens")
     report.add_argument("runs", nargs="+", type=Path, help="run folders written by crop eval")
     report.add_argument("--out", type=Path, default=Path("results") / "eval_report.md")
+    report.add_argument("--standard", action="store_true", help="also the standard table: scores and retention per "
+                        "benchmark against each model's full run, and their mean")  # fmt: skip
     report.set_defaults(run=_run_report)
 
     methods = commands.add_parser("methods", help="list the pruning methods")
@@ -313,28 +320,49 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from crop.evaluation.report import STANDARD, standard_table
     from crop.evaluation.runner import RunConfig, run
+    from crop.evaluation.tasks import TASKS
 
-    config = RunConfig(
-        model=args.model, bench=args.bench, data=str(args.data), split=args.split, method=args.method,
-        budget=args.budget, layer=-1 if args.no_ilp else args.ilp_layer, plc_ratio=args.plc_ratio or None,
-        learned_plc=args.learned_plc, localizer=args.localizer, max_new_tokens=args.max_new_tokens, attn=args.attn,
-        dtype=args.dtype, batch_size=args.batch_size, limit=args.limit,
-    )  # fmt: skip
-    out = args.out or Path("results") / "eval" / f"{args.bench}-{config.label.replace('@', '-')}"
-    summary = run(config, out)
-    if summary is not None:
-        print((out / "summary.md").read_text(), end="")
-        print(f"wrote {out / 'predictions.jsonl'}, {out / 'summary.json'} and {out / 'summary.md'}")
+    if args.suite:
+        benches = [bench for bench in STANDARD if bench in TASKS and (Path(args.data) / bench).exists()]
+        absent = [bench for bench in STANDARD if bench not in benches]
+        if not benches:
+            raise ConfigError(f"no benchmark folder under {args.data}: expected folders named {', '.join(STANDARD)}")
+        print(f"standard suite: {', '.join(benches)}; not run: {', '.join(absent) or 'none'} (no folder, or not "
+              "supported yet)")  # fmt: skip
+    else:
+        benches = [args.bench]
+    summaries = []
+    for bench in benches:
+        data = Path(args.data) / bench if args.suite else Path(args.data)
+        config = RunConfig(
+            model=args.model, bench=bench, data=str(data), split=args.split, method=args.method,
+            budget=args.budget, layer=-1 if args.no_ilp else args.ilp_layer, plc_ratio=args.plc_ratio or None,
+            learned_plc=args.learned_plc, localizer=args.localizer, max_new_tokens=args.max_new_tokens, attn=args.attn,
+            dtype=args.dtype, batch_size=args.batch_size, limit=args.limit,
+        )  # fmt: skip
+        name = f"{bench}-{config.label.replace('@', '-')}"
+        folder = args.out or Path("results") / "eval"
+        out = folder / name if args.suite else args.out or folder / name
+        summary = run(config, out)
+        if summary is not None:
+            summaries.append(summary)
+            print((out / "summary.md").read_text(), end="")
+            print(f"wrote {out / 'predictions.jsonl'}, {out / 'summary.json'} and {out / 'summary.md'}")
+    if args.suite and summaries:
+        print(standard_table(summaries))
     return 0
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from crop.evaluation.report import load_summaries, markdown_table, plot
+    from crop.evaluation.report import load_summaries, markdown_table, plot, standard_table
 
     _writable(args.out)
     summaries = load_summaries(args.runs)
     table = markdown_table(summaries)
+    if args.standard:
+        table += "\n\n" + standard_table(summaries)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table + "\n")

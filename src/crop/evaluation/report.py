@@ -33,12 +33,15 @@ def markdown_table(summaries: list[dict[str, Any]]) -> str:
         "| benchmark | method | budget | score | metric | visual tokens kept | average over layers | answered |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    from crop.evaluation.tasks import get_task
+
     for s in sorted(summaries, key=_order):
         config = s["config"]
         budget = "-" if config["method"] == "full" else config["budget"] or "region"
         answered = f"{s['answered']}/{s['samples']}" + ("" if s["complete"] else " (incomplete)")
+        score = get_task(config["bench"]).shown(s["metrics"]["score"])
         lines.append(
-            f"| {config['bench']} | {config['method']} | {budget} | {100 * s['metrics']['score']:.2f} | {s['metric']} "
+            f"| {config['bench']} | {config['method']} | {budget} | {score} | {s['metric']} "
             f"| {s['visual_tokens']:.1f} | {s['average_visual_tokens']:.1f} | {answered} |"
         )
     return "\n".join(lines)
@@ -74,3 +77,52 @@ def plot(summaries: list[dict[str, Any]], path: str | Path) -> None:
 def _order(summary: dict[str, Any]) -> tuple:
     config = summary["config"]
     return (config["bench"], config["method"] != "full", config["method"], -(config["budget"] or 10**9))
+
+
+STANDARD = ("gqa", "mmbench", "mme", "pope", "scienceqa", "vqav2", "textvqa", "seedbench", "mmmu")
+"""The pruning literature's standard table, in its usual column order."""
+IMAGE_LIGHT = ("scienceqa", "mmmu")
+"""Benchmarks answerable largely without the image."""
+
+
+def standard_table(summaries: list[dict[str, Any]]) -> str:
+    """The standard table: one row per (model, method and budget), one column per benchmark of `STANDARD` that
+    some run covers: the score and its retention (score / the `full` run's on the same model and benchmark), and
+    the mean retention over the row's benchmarks that have a `full` run."""
+    from crop.evaluation.tasks import get_task
+
+    benches = [bench for bench in STANDARD if any(s["config"]["bench"] == bench for s in summaries)]
+    if not benches:
+        raise ConfigError(f"no run of a standard-table benchmark ({', '.join(STANDARD)}) among the runs given")
+    full = {(s["config"]["model"], s["config"]["bench"]): s["metrics"]["score"] for s in summaries
+            if s["config"]["method"] == "full"}  # fmt: skip
+    rows: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for s in sorted(summaries, key=_order):
+        rows.setdefault((s["config"]["model"], s["label"]), {})[s["config"]["bench"]] = s
+    lines = [
+        "| model | method | " + " | ".join(benches) + " | mean retention |",
+        "|---|---|" + "---|" * (len(benches) + 1),
+    ]
+    for (model, label), runs in rows.items():
+        cells, retentions = [], []
+        for bench in benches:
+            run = runs.get(bench)
+            if run is None:
+                cells.append("-")
+                continue
+            score, reference = run["metrics"]["score"], full.get((model, bench))
+            shown = get_task(bench).shown(score) + ("" if run["complete"] else " (incomplete)")
+            if reference:
+                retentions.append(score / reference)
+                shown += f" ({100 * score / reference:.1f}%)"
+            cells.append(shown)
+        mean_retention = f"{100 * sum(retentions) / len(retentions):.1f}%" if retentions else "-"
+        lines.append(f"| {Path(model).name} | {label} | " + " | ".join(cells) + f" | {mean_retention} |")
+    light = [bench for bench in benches if bench in IMAGE_LIGHT]
+    if light:
+        lines.append("")
+        lines.append(
+            f"{', '.join(light)}: answerable largely without the image (LLaVA-1.5 given no visual tokens at all is "
+            "reported to keep about 91-92% of its score there), so their retention says little about pruning."
+        )
+    return "\n".join(lines)

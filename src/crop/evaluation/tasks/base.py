@@ -111,6 +111,10 @@ class Task:
         """The run's summary; records hold id, prediction, answers, score and extra; the headline is under "score"."""
         return {"score": mean(record["score"] for record in records), "count": len(records)}
 
+    def shown(self, score: float) -> str:
+        """The headline score as tables print it (a percentage by default)."""
+        return f"{100 * score:.2f}"
+
     def formats(self) -> str:
         """The accepted forms of a local copy, for error messages."""
         return (
