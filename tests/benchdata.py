@@ -15,6 +15,7 @@ test can tell which image was read.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from collections.abc import Callable
@@ -673,6 +674,54 @@ def seedbench_hub(samples: list[Sample]) -> list[Table]:
     return [Table(None, "test", features, rows)]
 
 
+# --- MMBench dev (English): a TSV with base64 images; lmms-lab/MMBench (config en, split dev) with rotated copies
+
+
+def mmbench_samples(sizes: list[tuple[int, int]]) -> list[Sample]:
+    """Two-option questions, each followed by its rotated copy (index + 1e6, options swapped, answer moved); odd
+    questions have a hint. A count rounds up to whole questions."""
+    samples = []
+    for q in range((len(sizes) + 1) // 2):
+        size, hint = sizes[min(2 * q, len(sizes) - 1)], (f"Look at the animal {q}." if q % 2 else "")
+        question, choices, answer = f"Which animal is in picture {q}?", [f"cat {q}", f"dog {q}"], q % 2
+        for k in range(2):
+            shown = choices[k:] + choices[:k]
+            letter = "AB"[(answer - k) % 2]
+            options = f"A. {shown[0]}\nB. {shown[1]}"
+            prompt = f"{hint + ' ' if hint else ''}{question} There are several options:\n{options}{CHOICE}"
+            fields = {"hint": hint, "choices": shown, "category": ["image_scene", "attribute_recognition"][q % 2]}
+            samples.append(Sample(str(q + 7 + k * 1_000_000), question, [letter], size, prompt, fields))
+    return samples
+
+
+def mmbench_row(s: Sample) -> dict:
+    row = {"index": int(s.id), "question": s.question, "hint": s.fields["hint"] or "nan", "A": s.fields["choices"][0]}
+    return row | {"B": s.fields["choices"][1], "C": "nan", "D": "nan", "answer": s.answers[0],
+                  "category": s.fields["category"], "source": "fixture", "split": "dev"}  # fmt: skip
+
+
+def mmbench_official(root: Path, samples: list[Sample]) -> None:
+    """Only the original rows, as the official TSV holds them: the reader makes the rotated copies."""
+    columns = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "source", "split"]
+    lines = ["\t".join(columns)]
+    for s in samples:
+        if int(s.id) >= 1_000_000:
+            continue
+        buffer = io.BytesIO()
+        Image.new("RGB", s.size, (10, 160, 40)).save(buffer, format="PNG")
+        row = mmbench_row(s) | {"image": base64.b64encode(buffer.getvalue()).decode()}
+        lines.append("\t".join(str(row[c]) for c in columns))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "MMBench_DEV_EN.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def mmbench_hub(samples: list[Sample]) -> list[Table]:
+    features = {"index": INT, "question": TEXT, "hint": TEXT, "A": TEXT, "B": TEXT, "C": TEXT, "D": TEXT,
+                "answer": TEXT, "category": TEXT, "source": TEXT, "split": TEXT, "image": IMAGE}  # fmt: skip
+    rows = [mmbench_row(s) | {"image": png(s.size)} for s in samples]
+    return [Table("en", "dev", features, rows)]
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "textvqa": Benchmark(textvqa_samples, textvqa_official, textvqa_hub),
     "docvqa": Benchmark(docvqa_samples, docvqa_official, docvqa_hub),
@@ -685,6 +734,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "ocrbench": Benchmark(ocrbench_samples, ocrbench_official, ocrbench_hub),
     "mme": Benchmark(mme_samples, mme_official, mme_hub),
     "seedbench": Benchmark(seedbench_samples, seedbench_official, seedbench_hub),
+    "mmbench": Benchmark(mmbench_samples, mmbench_official, mmbench_hub),
 }
 SUPPORTED: tuple[tuple[str, str], ...] = tuple((name, form) for name in BENCHMARKS for form in FORMS)
 """Every (benchmark, form) pair `write_benchmark` writes."""

@@ -86,7 +86,7 @@ def test_standard_table_by_hand():
 @pytest.mark.slow
 def test_suite_and_report_on_fixtures(tmp_path, capsys):
     model = save_tiny(tmp_path / "model")
-    for bench in ("mme", "seedbench", "gqa"):
+    for bench in ("mme", "seedbench", "gqa", "mmbench"):
         write_benchmark(bench, tmp_path / "data" / bench, "official", count=4)
     runs = tmp_path / "runs"
     base = ["eval", "--suite", "standard", "--data", str(tmp_path / "data"), "--model", str(model), "--out", str(runs),
@@ -94,10 +94,10 @@ def test_suite_and_report_on_fixtures(tmp_path, capsys):
     assert main([*base, "--method", "full"]) == 0
     assert main([*base, "--method", "pool", "--budget", "9"]) == 0
     out = capsys.readouterr().out
-    assert "standard suite: gqa, mme, seedbench" in out
+    assert "standard suite: gqa, mmbench, mme, seedbench" in out
     folders = sorted(runs.iterdir())
-    assert [f.name for f in folders] == ["gqa-full", "gqa-pool-9", "mme-full", "mme-pool-9", "seedbench-full",
-                                         "seedbench-pool-9"]  # fmt: skip
+    assert [f.name for f in folders] == ["gqa-full", "gqa-pool-9", "mmbench-full", "mmbench-pool-9", "mme-full",
+                                         "mme-pool-9", "seedbench-full", "seedbench-pool-9"]  # fmt: skip
     assert main(["report", "--standard", *map(str, folders), "--out", str(tmp_path / "report.md")]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| model")]
     rows = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| model ")]
@@ -106,11 +106,49 @@ def test_suite_and_report_on_fixtures(tmp_path, capsys):
     pool_row = next(line for line in (tmp_path / "report.md").read_text().splitlines() if "| pool@9 |" in line)
     cells = [cell.strip() for cell in pool_row.strip("|").split("|")]
     assert cells[2] == f"{100 * scores['gqa-pool-9']:.2f}" + retention(scores["gqa-pool-9"], scores["gqa-full"])
-    assert cells[3] == f"{scores['mme-pool-9']:.1f}" + retention(scores["mme-pool-9"], scores["mme-full"])
-    assert cells[4] == f"{100 * scores['seedbench-pool-9']:.2f}" + retention(
+    assert cells[3] == f"{100 * scores['mmbench-pool-9']:.2f}" + retention(
+        scores["mmbench-pool-9"], scores["mmbench-full"]
+    )
+    assert cells[4] == f"{scores['mme-pool-9']:.1f}" + retention(scores["mme-pool-9"], scores["mme-full"])
+    assert cells[5] == f"{100 * scores['seedbench-pool-9']:.2f}" + retention(
         scores["seedbench-pool-9"], scores["seedbench-full"]
     )
 
 
 def retention(score: float, full: float) -> str:
     return f" ({100 * score / full:.1f}%)" if full else ""
+
+
+@pytest.mark.parametrize(
+    ("answer", "letter"),
+    [("B", "B"), ("The answer is B", "B"), ("A cat", "A"), ("(C)", "C"), ("B.", "B"), ("C: a dog", "C"),
+     ("it is a dog", "B"), ("I think the correct answer is (C) because", "C"), ("A man is riding a horse", "A"),
+     ("nothing here", None), ("cat or dog", None), ("Option D) is right", "D")],
+)  # fmt: skip
+def test_mmbench_reads_the_letter_an_answer_gives(answer, letter):
+    """Hand-checked against the rules: a lone letter, else the one option named, else the ranked extraction
+    ("A man is riding a horse": A is taken as an article, no option is named, the leading A wins)."""
+    from crop.evaluation.tasks.mmbench import answer_letter
+
+    assert answer_letter(answer, {"A": "cat", "B": "dog", "C": "bird", "D": "fish"}) == letter
+
+
+def test_mmbench_circular_rule_and_rotations():
+    from crop.evaluation.tasks.mmbench import circular
+
+    sample = EvalSample("5", None, "Which?", ["B"], {"choices": {"A": "x", "B": "y", "C": "z"}, "hint": "",
+                                                      "category": "c", "question": 5})  # fmt: skip
+    rotated = list(circular([sample]))
+    assert [s.id for s in rotated] == ["5", "1000005", "2000005"]
+    assert [s.extra["choices"] for s in rotated][1:] == [{"A": "y", "B": "z", "C": "x"}, {"A": "z", "B": "x", "C": "y"}]
+    assert [s.answers[0] for s in rotated] == ["B", "A", "C"]  # "y" wherever it moved
+    task = get_task("mmbench")
+    assert task.prompt(rotated[1]) == (
+        "Which? There are several options:\nA. y\nB. z\nC. x\nAnswer with the option's letter from the given "
+        "choices directly."
+    )
+    records = [{"score": s, "extra": {"question": q, "category": c}}
+               for s, q, c in [(1, 1, "a"), (1, 1, "a"), (1, 2, "a"), (0, 2, "a"), (1, 3, "b")]]  # fmt: skip
+    summary = task.aggregate(records)
+    assert summary["score"] == pytest.approx(2 / 3) and summary["questions"] == 3
+    assert summary["categories"] == {"a": 0.5, "b": 1.0}

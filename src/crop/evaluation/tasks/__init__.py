@@ -8,6 +8,7 @@ from crop.evaluation.tasks.chartqa import ChartQA
 from crop.evaluation.tasks.docvqa import DocVQA
 from crop.evaluation.tasks.gqa import GQA
 from crop.evaluation.tasks.infovqa import InfoVQA
+from crop.evaluation.tasks.mmbench import MMBench
 from crop.evaluation.tasks.mme import MME
 from crop.evaluation.tasks.ocrbench import OCRBench
 from crop.evaluation.tasks.pope import POPE
@@ -19,7 +20,8 @@ from crop.evaluation.tasks.vqav2 import VQAv2
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
-        TextVQA(), DocVQA(), InfoVQA(), ChartQA(), GQA(), VQAv2(), POPE(), ScienceQA(), OCRBench(), MME(), SEEDBench()
+        TextVQA(), DocVQA(), InfoVQA(), ChartQA(), GQA(), VQAv2(), POPE(), ScienceQA(), OCRBench(), MME(), SEEDBench(),
+        MMBench(),
     )
 }
 
