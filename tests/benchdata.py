@@ -722,6 +722,64 @@ def mmbench_hub(samples: list[Sample]) -> list[Table]:
     return [Table("en", "dev", features, rows)]
 
 
+# --- MMMU validation: a clone of MMMU/MMMU (one parquet folder per subject); lmms-lab/MMMU ----------------------
+
+MMMU_OPEN = "What is the ratio in diagram {n} <image 1>?"
+
+
+def mmmu_samples(sizes: list[tuple[int, int]]) -> list[Sample]:
+    """Subjects in blocks (Art, then Math: the order of a clone's folders); even samples multiple choice, odd open."""
+    samples = []
+    for i, (size, subject) in enumerate(zip(sizes, blocks(len(sizes), ("Art", "Math")), strict=True)):
+        qid = f"validation_{subject}_{i + 1}"
+        if i % 2 == 0:
+            question, options = f"<image 1> Which colour fills shape {i}?", ["red", "green", "blue"]
+            answer, kind = "ABC"[i % 3], "multiple-choice"
+            prompt = f"{question}\nA. red\nB. green\nC. blue\n\nAnswer with the option's letter from the given " \
+                     "choices directly."
+        else:
+            question, options, answer, kind = MMMU_OPEN.format(n=i), [], f"{i}.5", "open"
+            prompt = f"{question}\n\nAnswer the question using a single word or phrase."
+        fields = {"subject": subject, "options": options, "type": kind}
+        samples.append(Sample(qid, question, [answer], size, prompt, fields))
+    return samples
+
+
+MMMU_FEATURES = {"id": TEXT, "question": TEXT, "options": TEXT, "explanation": TEXT, "answer": TEXT,
+                 "question_type": TEXT, "subfield": TEXT, "img_type": TEXT, "topic_difficulty": TEXT,
+                 **{f"image_{k}": IMAGE for k in range(1, 8)}}  # fmt: skip
+
+
+def mmmu_row(s: Sample) -> dict:
+    images = {f"image_{k}": None for k in range(1, 8)} | {"image_1": png(s.size)}
+    return {"id": s.id, "question": s.question, "options": str(s.fields["options"]), "explanation": "",
+            "answer": s.answers[0], "question_type": s.fields["type"], "subfield": "fixture", "img_type": "['Other']",
+            "topic_difficulty": "Easy", **images}  # fmt: skip
+
+
+def mmmu_two_images(subject: str) -> dict:
+    """A question with two images, which crop leaves out (one image per prompt)."""
+    row = {"id": f"validation_{subject}_99", "question": "<image 1> or <image 2>?", "options": "['x', 'y']",
+           "explanation": "", "answer": "A", "question_type": "multiple-choice", "subfield": "fixture",
+           "img_type": "['Other']", "topic_difficulty": "Easy"}  # fmt: skip
+    return row | {f"image_{k}": None for k in range(1, 8)} | {"image_1": png((8, 8)), "image_2": png((8, 8))}
+
+
+def mmmu_official(root: Path, samples: list[Sample]) -> None:
+    """The authors' Hub dataset cloned: one folder per subject, each a parquet split (a two-image question in Art)."""
+    for subject in ("Art", "Math"):
+        rows = [mmmu_row(s) for s in samples if s.fields["subject"] == subject]
+        if subject == "Art":
+            rows.insert(min(1, len(rows)), mmmu_two_images(subject))
+        write_table(root / subject, "parquet", Table(None, "validation", MMMU_FEATURES, rows))
+
+
+def mmmu_hub(samples: list[Sample]) -> list[Table]:
+    rows = [mmmu_row(s) for s in samples]
+    rows.insert(min(1, len(rows)), mmmu_two_images("Art"))
+    return [Table(None, "validation", MMMU_FEATURES, rows)]
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "textvqa": Benchmark(textvqa_samples, textvqa_official, textvqa_hub),
     "docvqa": Benchmark(docvqa_samples, docvqa_official, docvqa_hub),
@@ -735,6 +793,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "mme": Benchmark(mme_samples, mme_official, mme_hub),
     "seedbench": Benchmark(seedbench_samples, seedbench_official, seedbench_hub),
     "mmbench": Benchmark(mmbench_samples, mmbench_official, mmbench_hub),
+    "mmmu": Benchmark(mmmu_samples, mmmu_official, mmmu_hub),
 }
 SUPPORTED: tuple[tuple[str, str], ...] = tuple((name, form) for name in BENCHMARKS for form in FORMS)
 """Every (benchmark, form) pair `write_benchmark` writes."""

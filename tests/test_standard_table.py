@@ -86,7 +86,7 @@ def test_standard_table_by_hand():
 @pytest.mark.slow
 def test_suite_and_report_on_fixtures(tmp_path, capsys):
     model = save_tiny(tmp_path / "model")
-    for bench in ("mme", "seedbench", "gqa", "mmbench"):
+    for bench in ("mme", "seedbench", "gqa", "mmbench", "mmmu"):
         write_benchmark(bench, tmp_path / "data" / bench, "official", count=4)
     runs = tmp_path / "runs"
     base = ["eval", "--suite", "standard", "--data", str(tmp_path / "data"), "--model", str(model), "--out", str(runs),
@@ -94,10 +94,11 @@ def test_suite_and_report_on_fixtures(tmp_path, capsys):
     assert main([*base, "--method", "full"]) == 0
     assert main([*base, "--method", "pool", "--budget", "9"]) == 0
     out = capsys.readouterr().out
-    assert "standard suite: gqa, mmbench, mme, seedbench" in out
+    assert "standard suite: gqa, mmbench, mme, seedbench, mmmu" in out
     folders = sorted(runs.iterdir())
     assert [f.name for f in folders] == ["gqa-full", "gqa-pool-9", "mmbench-full", "mmbench-pool-9", "mme-full",
-                                         "mme-pool-9", "seedbench-full", "seedbench-pool-9"]  # fmt: skip
+                                         "mme-pool-9", "mmmu-full", "mmmu-pool-9", "seedbench-full",
+                                         "seedbench-pool-9"]  # fmt: skip
     assert main(["report", "--standard", *map(str, folders), "--out", str(tmp_path / "report.md")]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| model")]
     rows = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| model ")]
@@ -113,6 +114,8 @@ def test_suite_and_report_on_fixtures(tmp_path, capsys):
     assert cells[5] == f"{100 * scores['seedbench-pool-9']:.2f}" + retention(
         scores["seedbench-pool-9"], scores["seedbench-full"]
     )
+    assert cells[6] == f"{100 * scores['mmmu-pool-9']:.2f}" + retention(scores["mmmu-pool-9"], scores["mmmu-full"])
+    assert "mmmu: answerable largely without the image" in (tmp_path / "report.md").read_text()
 
 
 def retention(score: float, full: float) -> str:
@@ -152,3 +155,51 @@ def test_mmbench_circular_rule_and_rotations():
     summary = task.aggregate(records)
     assert summary["score"] == pytest.approx(2 / 3) and summary["questions"] == 3
     assert summary["categories"] == {"a": 0.5, "b": 1.0}
+
+
+OPTIONS = ["red", "green", "blue"]
+
+
+@pytest.mark.parametrize(
+    ("answer", "letter"),
+    [("(B) green", "B"), ("B", "B"), ("A. red", "A"), ("The answer is green because the leaves are green", "B"),
+     ("I think A or C", "C"), ("(A) or maybe (C)", "C")],
+)  # fmt: skip
+def test_mmmu_reads_the_option_a_choice_answer_gives(answer, letter):
+    from crop.evaluation.tasks.mmmu import choice_letter
+
+    assert choice_letter(answer, OPTIONS, "validation_Art_1") == letter
+
+
+def test_mmmu_picks_a_seeded_option_when_none_is_named():
+    from crop.evaluation.tasks.mmmu import choice_letter
+
+    picks = {choice_letter("Blue.", OPTIONS, "validation_Art_1") for _ in range(5)}
+    assert len(picks) == 1 and picks <= {"A", "B", "C"}
+
+
+@pytest.mark.parametrize(
+    ("answer", "reference", "right"),
+    [("The ratio is 3.5.", "3.5", True), ("The ratio is 3.5.", "3.50", True), ("The ratio is 3.5.", "4", False),
+     ("Paris", "paris", True), ("so the answer is 1,200 dollars", "1200", True), ("x = 12", "12", True),
+     ("It is twelve", "12", False)],
+)  # fmt: skip
+def test_mmmu_open_answers(answer, reference, right):
+    from crop.evaluation.tasks.mmmu import open_candidates, open_correct
+
+    assert open_correct(reference, open_candidates(answer)) is right
+
+
+def test_mmmu_summary_by_subject_and_discipline():
+    records = [{"score": s, "extra": {"subject": subject}} for s, subject in [(1, "Art"), (0, "Art"), (1, "Math")]]
+    summary = get_task("mmmu").aggregate(records)
+    assert summary["subjects"] == {"Art": 0.5, "Math": 1.0}
+    assert summary["disciplines"] == {"Art and Design": 0.5, "Science": 1.0}
+    assert summary["score"] == pytest.approx(2 / 3)
+
+
+def test_mmmu_leaves_out_questions_with_several_images(tmp_path, caplog):
+    expected = write_benchmark("mmmu", tmp_path, "parquet", count=3)
+    samples = list(get_task("mmmu").samples(tmp_path))
+    assert [s.id for s in samples] == [e["id"] for e in expected]
+    assert "1 of 4 questions have several images" in caplog.text

@@ -33,11 +33,11 @@ def sizes(samples: list[EvalSample]) -> list[tuple[int, int]]:
 
 def test_registry_names_every_benchmark():
     names = ["textvqa", "docvqa", "infovqa", "chartqa", "gqa", "vqav2", "pope", "scienceqa", "ocrbench", "mme",
-             "seedbench", "mmbench"]  # fmt: skip
+             "seedbench", "mmbench", "mmmu"]  # fmt: skip
     assert sorted(TASKS) == sorted(names) == sorted(BENCHMARKS)
     assert all(get_task(name).name == name for name in names)
-    with pytest.raises(ConfigError, match="unknown task 'mmmu'.*textvqa.*ocrbench"):
-        get_task("mmmu")
+    with pytest.raises(ConfigError, match="unknown task 'mmmu_pro'.*textvqa.*ocrbench"):
+        get_task("mmmu_pro")
 
 
 @pytest.mark.parametrize(("name", "form"), SUPPORTED)
@@ -52,13 +52,13 @@ def test_reads_what_benchdata_wrote(tmp_path, name, form):
     assert [task.prompt(s) for s in samples] == [e["prompt"] for e in expected]
     # the reference answer scores 1 on what the reader built (ScienceQA: the answer index, OCRBench: the category)
     assert [task.score(e["answers"][0], s) for s, e in zip(samples, expected, strict=True)] == [1.0] * len(expected)
-    if form == "official" and name != "mmbench":  # MMBench's TSV holds its images, base64-encoded
+    if form == "official" and name not in ("mmbench", "mmmu"):  # images inside the TSV, the parquet files
         assert all(Path(s.image).is_relative_to(tmp_path) for s in samples)
 
 
 def test_benchdata_refuses_what_it_cannot_write(tmp_path):
-    with pytest.raises(ValueError, match="unknown benchmark 'mmmu'"):
-        write_benchmark("mmmu", tmp_path)
+    with pytest.raises(ValueError, match="unknown benchmark 'mmmu_pro'"):
+        write_benchmark("mmmu_pro", tmp_path)
     with pytest.raises(ValueError, match="unknown form 'csv'; known: official, disk, parquet"):
         write_benchmark("gqa", tmp_path, "csv")
     with pytest.raises(ValueError, match="save_to_disk copy needs a sample"):

@@ -10,6 +10,7 @@ from crop.evaluation.tasks.gqa import GQA
 from crop.evaluation.tasks.infovqa import InfoVQA
 from crop.evaluation.tasks.mmbench import MMBench
 from crop.evaluation.tasks.mme import MME
+from crop.evaluation.tasks.mmmu import MMMU
 from crop.evaluation.tasks.ocrbench import OCRBench
 from crop.evaluation.tasks.pope import POPE
 from crop.evaluation.tasks.scienceqa import ScienceQA
@@ -21,7 +22,7 @@ TASKS: dict[str, Task] = {
     task.name: task
     for task in (
         TextVQA(), DocVQA(), InfoVQA(), ChartQA(), GQA(), VQAv2(), POPE(), ScienceQA(), OCRBench(), MME(), SEEDBench(),
-        MMBench(),
+        MMBench(), MMMU(),
     )
 }
 
