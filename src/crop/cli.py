@@ -103,7 +103,7 @@ def _parser(training: bool = True) -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="local directory or hub id of the VLM")
     which = evaluate.add_mutually_exclusive_group(required=True)
     which.add_argument("--bench", help="textvqa, docvqa, infovqa, chartqa, gqa, vqav2, pope, scienceqa, ocrbench, "
-                       "mme or seedbench")  # fmt: skip
+                       "mme, seedbench, mmbench or mmmu")  # fmt: skip
     which.add_argument("--suite", choices=["standard"], help="standard: every benchmark of the pruning literature's "
                        "table found under --data (one folder per benchmark, named as --bench names it)")  # fmt: skip
     evaluate.add_argument("--data", required=True, help="local copy: the official layout or a `datasets` copy "
