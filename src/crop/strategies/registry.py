@@ -11,6 +11,7 @@ from crop.errors import ConfigError
 from crop.strategies.base import Method
 from crop.strategies.crop_fused import FusedCROP
 from crop.strategies.crop_method import CROP
+from crop.strategies.divprune import DivPrune
 from crop.strategies.fastv import FastV
 from crop.strategies.full import Full
 from crop.strategies.ilp import ILP
@@ -101,6 +102,8 @@ for _info in (
                "inside the LLM at several layers", True, lambda s: SparseVLM(s.budget)),
     MethodInfo("visionzip", "dominant tokens by the vision CLS attention plus merged contextual tokens",
                "before the LLM", True, lambda s: VisionZip(s.budget)),
+    MethodInfo("divprune", "the N most diverse projected tokens (greedy max-min cosine distance)", "before the LLM",
+               True, lambda s: DivPrune(s.budget)),
     MethodInfo("random", "N tokens drawn at random (seeded)", "before the LLM", True,
                lambda s: RandomSelection(s.budget, seed=s.seed)),
     MethodInfo("pool", "the grid average-pooled down to N tokens (image downsampling)", "before the LLM", True,
