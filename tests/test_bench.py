@@ -106,3 +106,25 @@ def test_unusable_device_is_refused_before_building():
         check_device("cuda")
     with pytest.raises(ConfigError, match="use cpu or cuda"):
         check_device("mps")
+
+
+def test_noisy_rows_are_flagged_and_a_smoke_run_prints_no_ratio():
+    from crop.bench import table
+
+    def row(method: str, times: list[float]) -> dict:
+        median = sorted(times)[len(times) // 2]
+        return {"method": method, "budget": "64", "kept_tokens": 64, "average_tokens_over_layers": 64.0,
+                "prefill_s": {"median": median, "min": min(times), "max": max(times)},
+                "prefill_spread": (max(times) - min(times)) / median, "noisy": (max(times) - min(times)) / median > 0.2,
+                "prefill_ratio_to_full": 0.5, "prefill_ratio_to_ideal": 1.01, "prefill_ratio_to_ideal_k2": None,
+                "flops_ratio_to_full": 0.48, "localize_s": None, "decode_tokens_per_s": 3.0, "peak_memory_mb": 10.0,
+                "kv_cache_mb": 1.0}  # fmt: skip
+
+    report = {"rows": [row("steady", [1.0, 1.05, 1.1]), row("noisy", [1.0, 1.3, 1.2])], "smoke": False}
+    text = table(report)
+    assert "| steady | 64 |" in text and "| noisy * | 64 |" in text and "| 0.50 | 1.01 |" in text
+    assert "spread by more than 20% of its median" in text
+    smoke = table({**report, "smoke": True})
+    assert smoke.startswith("Smoke test (`crop bench --quick`)")
+    assert "0.50" not in smoke and "1.01" not in smoke and "*" not in smoke.split("\n", 2)[2]
+    assert "| 0.48 |" in smoke  # FLOPs are counted, not timed

@@ -82,7 +82,8 @@ def _parser(training: bool = True) -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure prefill, decode, memory, KV cache and FLOPs per method")
     bench.add_argument("--shape", default="llava-1.5-7b", choices=["llava-1.5-7b", "small", "tiny"])
-    bench.add_argument("--quick", action="store_true", help="small shape, 2 repeats, 8 new tokens (minutes on CPU)")
+    bench.add_argument("--quick", action="store_true", help="a smoke test: small shape, 2 repeats, 8 new tokens "
+                       "(minutes on CPU); its table prints no timing ratio")  # fmt: skip
     bench.add_argument("--budgets", type=_at_least(1), nargs="+", default=[192, 128, 64])
     bench.add_argument("--repeats", type=_at_least(1), default=5)
     bench.add_argument("--warmup", type=_at_least(0), default=1)
@@ -308,7 +309,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     report = bench.run(
         args.shape, tuple(args.budgets), repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens,
         device=args.device, dtype=args.dtype, out=args.out, threads=args.threads, methods=args.methods,
-        llm_layers=args.llm_layers,
+        llm_layers=args.llm_layers, smoke=args.quick,
     )  # fmt: skip
     print(f"{report['shape']['name']}: {report['note']}; {report['device']} {report['dtype']}; {report['machine']}")
     text = bench.table(report)

@@ -14,12 +14,16 @@ import torch
 from crop.bench.cases import Case
 from crop.bench.shapes import Shape
 
+NOISY = 0.20
+"""A row whose prefill range (max - min) exceeds this share of its median is flagged as noisy."""
+
 
 def build_report(
-    shape: Shape, all_cases: list[Case], device: str, dtype: str, repeats: int, new_tokens: int
+    shape: Shape, all_cases: list[Case], device: str, dtype: str, repeats: int, new_tokens: int, smoke: bool = False
 ) -> dict[str, Any]:
-    """Per case, the median prefill (with min and max) and its ratios to full tokens and to the ideals, the FLOPs
-    ratios, decode speed, peak memory and KV cache; with the shape and the machine."""
+    """Per case, the median prefill (with min and max, its spread flagged above `NOISY`) and its ratios to full
+    tokens and to the ideals, the FLOPs ratios, decode speed, peak memory and KV cache; with the shape and the
+    machine. `smoke`: a quick run that checks the benchmark works, whose timings support no ratio."""
     full = next(c for c in all_cases if c.name == "full")
     full_prefill = statistics.median(full.results["prefill_s"])
     full_flops = full.results["flops_prefill"][0]
@@ -37,6 +41,8 @@ def build_report(
             "kept_tokens": case.results["kept_tokens"][0],
             "average_tokens_over_layers": case.results["average_tokens"][0],
             "prefill_s": {"median": median, "min": min(prefill), "max": max(prefill)},
+            "prefill_spread": (max(prefill) - min(prefill)) / median,
+            "noisy": (max(prefill) - min(prefill)) / median > NOISY,
             "prefill_ratio_to_full": median / full_prefill,
             "prefill_ratio_to_ideal": median / ideal[case.budget] if case.budget in ideal else None,
             "prefill_ratio_to_ideal_k2": median / profile[case.budget] if case.budget in profile else None,
@@ -58,6 +64,7 @@ def build_report(
         "dtype": dtype,
         "repeats": repeats,
         "new_tokens": new_tokens,
+        "smoke": smoke,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": _cpu_name(),
                     "threads": torch.get_num_threads()},
         "rows": rows,
@@ -89,7 +96,9 @@ def _number(value: float | None) -> str:
 
 
 def table(report: dict[str, Any]) -> str:
-    """The report as a Markdown table."""
+    """The report as a Markdown table; rows whose repeats spread more than `NOISY` of their median are marked `*`.
+    A smoke run's table prints no timing ratio (its timings support none)."""
+    smoke = report.get("smoke", False)
     lines = [
         "| method | budget | kept | avg over layers | prefill ms (min-max) | of which localize ms | x full | x ideal | "
         "x ideal K=2 | FLOPs x full | decode tok/s | peak MB | KV MB |",
@@ -97,16 +106,23 @@ def table(report: dict[str, Any]) -> str:
     ]
     for row in report["rows"]:
         prefill = row["prefill_s"]
-        ideal = "-" if row["prefill_ratio_to_ideal"] is None else f"{row['prefill_ratio_to_ideal']:.2f}"
-        ratio_k2 = row.get("prefill_ratio_to_ideal_k2")
-        profile = "-" if ratio_k2 is None else f"{ratio_k2:.2f}"
+        ratios = [row["prefill_ratio_to_full"], row["prefill_ratio_to_ideal"], row.get("prefill_ratio_to_ideal_k2")]
+        full, ideal, profile = ("-" if smoke or r is None else f"{r:.2f}" for r in ratios)
+        mark = " *" if row.get("noisy") and not smoke else ""
         lines.append(
-            f"| {row['method']} | {row['budget']} | {row['kept_tokens']} | {row['average_tokens_over_layers']:.1f} | "
+            f"| {row['method']}{mark} | {row['budget']} | {row['kept_tokens']} | "
+            f"{row['average_tokens_over_layers']:.1f} | "
             f"{1000 * prefill['median']:.1f} ({1000 * prefill['min']:.1f}-{1000 * prefill['max']:.1f}) | "
-            f"{_milliseconds(row.get('localize_s'))} | {row['prefill_ratio_to_full']:.2f} | {ideal} | {profile} | "
-            f"{row['flops_ratio_to_full']:.2f} | "
-            f"{_number(row['decode_tokens_per_s'])} | {row['peak_memory_mb']:.0f} | {row['kv_cache_mb']:.2f} |"
+            f"{_milliseconds(row.get('localize_s'))} | {full} | {ideal} | {profile} | "
+            f"{row['flops_ratio_to_full']:.2f} | {_number(row['decode_tokens_per_s'])} | {row['peak_memory_mb']:.0f} | "
+            f"{row['kv_cache_mb']:.2f} |"
         )
+    if smoke:
+        lines.insert(0, "Smoke test (`crop bench --quick`): it checks that every case runs and counts its tokens, "
+                        "KV cache and FLOPs; its few short repeats support no timing ratio, so none is printed.\n")
+    elif any(row.get("noisy") for row in report["rows"]):
+        lines.append(f"\n\\* the repeats of this row spread by more than {NOISY:.0%} of its median: read its "
+                     "ratios with care.")
     return "\n".join(lines)
 
 

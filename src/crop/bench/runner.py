@@ -45,9 +45,11 @@ def run(
     progress: Callable[[str], None] = print,
     methods: list[str] | None = None,
     llm_layers: int | None = None,
+    smoke: bool = False,
 ) -> dict[str, Any]:
     """Measure every case (or, with `methods`, those and full and the ideal); repeats are interleaved (case order
-    rotates each round). `llm_layers` overrides the shape's LLM depth (up to the real model's)."""
+    rotates each round). `llm_layers` overrides the shape's LLM depth (up to the real model's); `smoke` marks a quick
+    run whose report prints no timing ratio."""
     if threads:
         torch.set_num_threads(threads)
     shape = bench_shape(shape_name, llm_layers)
@@ -74,7 +76,7 @@ def run(
                 for key, value in measurement.items():
                     case.results.setdefault(key, []).append(value)
         progress(f"round {round_index + 1}/{warmup + repeats} done")
-    report = build_report(shape, all_cases, device, dtype, repeats, new_tokens)
+    report = build_report(shape, all_cases, device, dtype, repeats, new_tokens, smoke)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
