@@ -29,7 +29,7 @@ class RowStats:
     cells: torch.Tensor
     viewport: Viewport
     stages: list[tuple[int, torch.Tensor]] = field(default_factory=list)
-    """Methods that prune in stages: `(first layer of the stage, cells it keeps)` per stage, in order."""
+    """Methods that prune in more than one stage: `(first layer of the stage, cells it keeps)` per stage, in order."""
 
     @property
     def kept_tokens(self) -> int:

@@ -152,6 +152,8 @@ class StageContext:
         """`(batch*repeat, heads, length)` attention of the query rows to the stage's current tokens, in the layer
         before the stage: the last prompt token's (`"last"`), the mean over every token after the image
         (`"question"`), or the mean over the text tokens a `Raters` function picks."""
+        if isinstance(queries, str) and queries not in ("last", "question"):
+            raise ConfigError(f"attention queries must be 'last', 'question' or a raters function, got {queries!r}")
         if queries not in self._attention:
             adapter = self.call.adapter
             layer = adapter.decoder_layers()[self.layer - 1]
