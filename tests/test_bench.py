@@ -128,3 +128,36 @@ def test_noisy_rows_are_flagged_and_a_smoke_run_prints_no_ratio():
     assert smoke.startswith("Smoke test (`crop bench --quick`)")
     assert "0.50" not in smoke and "1.01" not in smoke and "*" not in smoke.split("\n", 2)[2]
     assert "| 0.48 |" in smoke  # FLOPs are counted, not timed
+
+
+def test_every_benchmarked_call_keeps_what_crop_apply_keeps():
+    """The benchmark measures what users run: per method, the tokens each layer sees in the benchmarked call equal
+    those of the same method through `crop.apply` on the same inputs (regions given as the benchmark gives them)."""
+    import crop
+    from crop.bench.cases import cases
+    from crop.bench.runner import _measure
+    from crop.bench.shapes import bench_inputs, build_bench_model
+    from crop.region import Region
+
+    shape = SHAPES["tiny"]
+    torch.manual_seed(0)
+    model, inputs = build_bench_model(shape), bench_inputs(shape)
+    region = Region.from_grid([2, 2, 5, 5])
+    checked = set()
+    for case in cases(shape, [32, 12], region):
+        if case.method is None or case.localizer is not None:  # ideals and localized rows: no method of their own
+            continue
+        measured = _measure(model, inputs, case, shape, 1, "cpu")
+        method = case.method()
+        pruned = crop.apply(model, None, method=method)
+        try:
+            given = [case.region or Region.full()] if method.needs_region else None
+            _, stats = pruned(**inputs, regions=given, viewports=[crop.Viewport()])
+        finally:
+            pruned.remove()
+        per_layer = stats.rows[0].per_layer
+        assert measured["kept_tokens"] == per_layer[-1], case.name
+        assert measured["average_tokens"] == sum(per_layer) / len(per_layer), case.name
+        checked.add(case.name)
+    assert {"crop-ilp", "crop-fused", "fastv", "pyramiddrop", "sparsevlm", "visionzip", "divprune", "random",
+            "pool"} <= checked  # fmt: skip
