@@ -36,9 +36,9 @@ def before_llm(call: CallContext, method: PreLLMMethod) -> tuple[dict[str, Any],
         torch.cat([call.features(row)[:leading], c.features]) if leading else c.features
         for row, c in enumerate(compressed)
     ]
-    spliced = {key: value for key, value in inputs.items() if key != "pixel_values"}
-    spliced.update(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=adapter.embed(input_ids, features))
     original = {key: value for key, value in inputs.items() if key != "pixel_values"}
+    spliced = {**original, "input_ids": input_ids, "attention_mask": attention_mask,
+               "inputs_embeds": adapter.embed(input_ids, features)}  # fmt: skip
     return adapter.spliced_inputs(original, spliced, position_ids, method.position), selections
 
 
