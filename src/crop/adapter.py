@@ -172,10 +172,9 @@ class ModelAdapter(ABC):
         batch, length, _ = hidden.shape
         normed = layer.input_layernorm(hidden)
         query = attention.q_proj(normed[:, -count:]).view(batch, count, -1, attention.head_dim).transpose(1, 2)
-        key = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
         cos, sin = kwargs["position_embeddings"]
         query = _rotate(query, cos[:, -count:], sin[:, -count:])
-        key = _rotate(key, cos, sin).repeat_interleave(attention.num_key_value_groups, dim=1)
+        key = self.layer_keys(layer, hidden, kwargs).repeat_interleave(attention.num_key_value_groups, dim=1)
         scores = (query @ key.transpose(-1, -2)).float() * attention.scaling
         mask = kwargs.get("attention_mask")
         if mask is not None:
@@ -188,6 +187,20 @@ class ModelAdapter(ABC):
             )
             scores = scores.masked_fill(~causal, float("-inf"))
         return scores.softmax(-1)
+
+    def layer_keys(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Keys `(batch, kv heads, length, head_dim)` of decoder `layer` given its inputs, rotary applied, as the
+        layer computes them (the default fits the Llama-style layers of `query_attention`)."""
+        attention = layer.self_attn
+        batch, length, _ = hidden.shape
+        key = attention.k_proj(layer.input_layernorm(hidden)).view(batch, length, -1, attention.head_dim)
+        cos, sin = kwargs["position_embeddings"]
+        return _rotate(key.transpose(1, 2), cos, sin)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states through the language model's final norm (the default: `model.model.language_model.norm`,
+        as transformers 5 lays out LLaVA and Qwen2-VL)."""
+        return self.model.model.language_model.norm(hidden)
 
     def vision_crops(self, inputs: dict[str, Any]) -> list[VisionCrops]:
         """Per image, the vision tower's feature layer on each crop it saw, with where each patch lands (VisionZip)."""

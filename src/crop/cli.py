@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 
 from crop import __version__
@@ -17,6 +18,9 @@ from crop.synth.assets import SHIPPED_MODEL
 from crop.train.cli import COMMANDS as TRAINING_COMMANDS
 from crop.train.cli import add_commands as add_training_commands
 from crop.train.cli import add_stubs as add_training_stubs
+
+BENCH_SHAPES = ["llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b", "small", "tiny", "tiny-next", "tiny-qwen"]
+"""`crop.bench.SHAPES`' names, listed here so that `--help` imports no torch (a test checks they agree)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +85,7 @@ def _parser(training: bool = True) -> argparse.ArgumentParser:
     web.set_defaults(run=_run_serve_demo)
 
     bench = commands.add_parser("bench", help="measure prefill, decode, memory, KV cache and FLOPs per method")
-    bench.add_argument("--shape", default="llava-1.5-7b", choices=["llava-1.5-7b", "small", "tiny"])
+    bench.add_argument("--shape", default="llava-1.5-7b", choices=BENCH_SHAPES)
     bench.add_argument("--quick", action="store_true", help="a smoke test: small shape, 2 repeats, 8 new tokens "
                        "(minutes on CPU); its table prints no timing ratio")  # fmt: skip
     bench.add_argument("--budgets", type=_at_least(1), nargs="+", default=[192, 128, 64])
@@ -95,6 +99,12 @@ def _parser(training: bool = True) -> argparse.ArgumentParser:
         "--llm-layers", type=int, help="LLM depth (default: the shape's; llava-1.5-7b is cut to 8 of 32 for 24 GiB)"
     )
     bench.add_argument("--out", type=Path, default=Path("results") / "bench.json")
+    bench.add_argument("--visual-tokens", type=_at_least(1), nargs="+", help="the image's visual tokens (qwen2.5-vl-7b:"
+                       " any square count; llava-next-7b: 1176, 1752 or 2928); several make a scaling run")  # fmt: skip
+    bench.add_argument("--scaling", action="store_true", help="a scaling run at the shape's standard sizes "
+                       "(qwen2.5-vl-7b: 1024, 4096, 16384 visual tokens; llava-next-7b: 1176, 1752, 2928)")  # fmt: skip
+    bench.add_argument("--keep", type=_share, nargs="+", default=[Fraction(1, 9)], help="a scaling run's budgets as "
+                       "shares of each size's visual tokens (default 1/9: 64 of LLaVA-1.5's 576)")  # fmt: skip
     bench.add_argument(
         "--methods", nargs="+", help="only these rows (e.g. crop-ilp fastv crop-fused); full and ideal always run"
     )
@@ -206,6 +216,8 @@ def _add_pruning_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--learned-plc", help="folder of a learned PLC compressor (learned_plc.json + weights) for method crop"
     )
+    parser.add_argument("--clip", help="CLIP checkpoint (path) whose text tower method cdpruner reads the question "
+                        "with: the one the VLM's vision tower came from")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=_at_least(1), default=16, help="answer length limit")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
 
@@ -233,6 +245,17 @@ def _question(text: str) -> str:
     return text
 
 
+def _share(text: str) -> Fraction:
+    """An argparse type: a share of the visual tokens, 0 < share < 1, as a fraction (1/9) or a decimal (0.25)."""
+    try:
+        value = Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a share like 1/9 or 0.25, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a share strictly between 0 and 1, got {text}")
+    return value
+
+
 def _writable(path: Path | None) -> None:
     """Refuse, before any work, an output path that cannot be written."""
     if path is None:
@@ -254,7 +277,8 @@ def _method(args: argparse.Namespace):
 
     layer = -1 if args.no_ilp else args.ilp_layer
     return build_method(
-        args.method, budget=args.budget, layer=layer, plc_ratio=args.plc_ratio or None, learned_plc=args.learned_plc
+        args.method, budget=args.budget, layer=layer, plc_ratio=args.plc_ratio or None, learned_plc=args.learned_plc,
+        clip=args.clip,
     )
 
 
@@ -306,10 +330,13 @@ def _run_bench(args: argparse.Namespace) -> int:
     _writable(args.out)
     if args.quick:
         args.shape, args.repeats, args.new_tokens = "small", 2, 8
+    counts = args.visual_tokens or []
+    if args.scaling or len(counts) > 1:
+        return _run_scaling(args, counts or list(bench.SCALING.get(args.shape, ())))
     report = bench.run(
         args.shape, tuple(args.budgets), repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens,
         device=args.device, dtype=args.dtype, out=args.out, threads=args.threads, methods=args.methods,
-        llm_layers=args.llm_layers, smoke=args.quick,
+        llm_layers=args.llm_layers, smoke=args.quick, visual_tokens=counts[0] if counts else None,
     )  # fmt: skip
     print(f"{report['shape']['name']}: {report['note']}; {report['device']} {report['dtype']}; {report['machine']}")
     text = bench.table(report)
@@ -319,6 +346,25 @@ def _run_bench(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}, {args.out.with_suffix('.md')} and {args.out.with_suffix('.png')}")
     return 0
 
+
+
+def _run_scaling(args: argparse.Namespace, counts: list[int]) -> int:
+    from crop.bench.scaling import plot_scaling, run_scaling, scaling_table
+
+    if len(counts) < 2:
+        raise ConfigError(f"a scaling run needs several sizes: give --visual-tokens for shape {args.shape}")
+    scaling = run_scaling(
+        args.shape, counts, args.keep, repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens,
+        device=args.device, dtype=args.dtype, threads=args.threads, methods=args.methods, llm_layers=args.llm_layers,
+        smoke=args.quick,
+    )  # fmt: skip
+    args.out.write_text(json.dumps(scaling, indent=2))
+    text = scaling_table(scaling)
+    print(text)
+    args.out.with_suffix(".md").write_text(text + "\n")
+    plot_scaling(scaling, args.out.with_suffix(".png"))
+    print(f"wrote {args.out}, {args.out.with_suffix('.md')} and {args.out.with_suffix('.png')}")
+    return 0
 
 def _run_eval(args: argparse.Namespace) -> int:
     from crop.evaluation.report import STANDARD, standard_table
@@ -340,7 +386,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         config = RunConfig(
             model=args.model, bench=bench, data=str(data), split=args.split, method=args.method,
             budget=args.budget, layer=-1 if args.no_ilp else args.ilp_layer, plc_ratio=args.plc_ratio or None,
-            learned_plc=args.learned_plc, localizer=args.localizer, max_new_tokens=args.max_new_tokens, attn=args.attn,
+            learned_plc=args.learned_plc, clip=args.clip, localizer=args.localizer, max_new_tokens=args.max_new_tokens,
+            attn=args.attn,
             dtype=args.dtype, batch_size=args.batch_size, limit=args.limit,
         )  # fmt: skip
         name = f"{bench}-{config.label.replace('@', '-')}"

@@ -104,7 +104,7 @@ class CropModel:
             self.processor(images=loaded, text=prompts, return_tensors="pt", padding=True, padding_side="left")
         )
         viewports = [self.viewport(img) for img in loaded]
-        return Request(inputs, region_list, viewports, localize_seconds)
+        return Request(inputs, region_list, viewports, localize_seconds, question_list)
 
     def ask(
         self,
@@ -211,7 +211,7 @@ class CropModel:
         num_layers = len(self.adapter.decoder_layers())
         for grid_tokens in sorted({v.rows * v.cols for v in layouts}):
             self.method.validate(num_layers, grid_tokens)
-        return CallContext(self.adapter, inputs, layouts, viewports, regions)
+        return CallContext(self.adapter, inputs, layouts, viewports, regions, request.questions)
 
     def _regions(self, request: Request, batch: int) -> list[Region | None]:
         if request.regions is not None:
@@ -249,8 +249,9 @@ def apply(
 
     By default the method is CROP: `ilp` is an `ILP` or its layer K (default 2; None disables it), `plc` a `PLC`
     or its pooling ratio (None, the default, disables it). `method` replaces CROP by any other `Method`, or names
-    one (`crop methods`: "full", "crop", "crop-fused", "fastv", "pyramiddrop", "sparsevlm", "visionzip", "random",
-    "pool") kept at `budget` tokens.
+    one (`crop methods`: "full", "crop", "crop-fused", "fastv", "pyramiddrop", "sparsevlm", "dart", "visionzip",
+    "divprune", "random", "pool"; "cdpruner" needs its CLIP text tower, so build `CDPruner` itself) kept at
+    `budget` tokens.
     `localizer` finds the region for `prepare`/`ask`; regions can also be passed per call.
     """
     if isinstance(method, str):

@@ -12,16 +12,18 @@ from crop.errors import ConfigError
 from crop.region import Region, Viewport
 
 RegionLike = Region | Sequence[int]
-EXTRAS = ("regions", "viewports", "localize_seconds")
+EXTRAS = ("regions", "viewports", "localize_seconds", "questions")
 
 
 @dataclass
 class Request(Mapping[str, Any]):
     """The model's `inputs` (the processor's tensors, and any generation argument), one region per row (None:
-    the method needs none, or a `FixedLocalizer` supplies it), one viewport per row (None: not known), and the
-    seconds the localizer took.
+    the method needs none, or a `FixedLocalizer` supplies it), one viewport per row (None: not known), the
+    seconds the localizer took, and each row's question text (for methods that read the instruction with a text
+    encoder of their own, as CDPruner does; None: not known).
 
-    A `Request` is also a read-only mapping of its inputs plus `regions`, `viewports` and `localize_seconds`, so
+    A `Request` is also a read-only mapping of its inputs plus `regions`, `viewports`, `localize_seconds` and
+    `questions`, so
     `pruned.generate(**request)` works as `pruned.generate(request)` does.
     """
 
@@ -29,11 +31,12 @@ class Request(Mapping[str, Any]):
     regions: list[Region] | None = None
     viewports: list[Viewport] | None = None
     localize_seconds: float | None = None
+    questions: list[str] | None = None
 
     @classmethod
     def of(cls, request: Request | None, kwargs: dict[str, Any]) -> Request:
         """The request of a call made as `f(request, **options)` or `f(**inputs)` (inputs may hold `regions`,
-        `viewports` and `localize_seconds` beside the tensors)."""
+        `viewports`, `localize_seconds` and `questions` beside the tensors)."""
         if request is not None:
             if not isinstance(request, Request):
                 kind = type(request).__name__
@@ -41,10 +44,13 @@ class Request(Mapping[str, Any]):
             clash = sorted(set(kwargs) & (set(request.inputs) | set(EXTRAS)))
             if clash:
                 raise ConfigError(f"{', '.join(clash)} given both in the request and as keywords")
-            return cls({**request.inputs, **kwargs}, request.regions, request.viewports, request.localize_seconds)
+            return cls(
+                {**request.inputs, **kwargs}, request.regions, request.viewports, request.localize_seconds,
+                request.questions,
+            )  # fmt: skip
         inputs = dict(kwargs)
         regions, viewports = inputs.pop("regions", None), inputs.pop("viewports", None)
-        seconds = inputs.pop("localize_seconds", None)
+        seconds, questions = inputs.pop("localize_seconds", None), inputs.pop("questions", None)
         input_ids = inputs.get("input_ids")
         if input_ids is None:
             raise ConfigError("crop needs input_ids (the processor's output), not inputs_embeds")
@@ -53,7 +59,10 @@ class Request(Mapping[str, Any]):
         viewport_list = None if viewports is None else list(viewports)
         if viewport_list is not None and len(viewport_list) != batch:
             raise ConfigError(f"got {len(viewport_list)} viewports for a batch of {batch}; pass one per row")
-        return cls(inputs, region_list, viewport_list, seconds)
+        question_list = None if questions is None else [questions] if isinstance(questions, str) else list(questions)
+        if question_list is not None and len(question_list) != batch:
+            raise ConfigError(f"got {len(question_list)} questions for a batch of {batch}; pass one per row")
+        return cls(inputs, region_list, viewport_list, seconds, question_list)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Request:
         """The request with its tensors on `device` (floating ones in `dtype`, if given)."""
@@ -64,7 +73,7 @@ class Request(Mapping[str, Any]):
             return value.to(device, dtype=dtype if value.is_floating_point() else None)
 
         moved = {key: move(value) for key, value in self.inputs.items()}
-        return Request(moved, self.regions, self.viewports, self.localize_seconds)
+        return Request(moved, self.regions, self.viewports, self.localize_seconds, self.questions)
 
     def __getitem__(self, key: str) -> Any:
         if key in EXTRAS:

@@ -7,17 +7,15 @@ tokens from the start, with no selection work) are computed within the run.
 """
 
 from crop.bench.cases import Case, cases, grid_localizer
+from crop.bench.families import IMAGE_TOKEN, TEXT_TOKENS, bench_inputs, build_bench_model
 from crop.bench.measure import PeakMemory, StepClock, measured_cache_bytes, timed
 from crop.bench.report import plot, table
 from crop.bench.runner import run
 from crop.bench.shapes import (
-    IMAGE_TOKEN,
+    SCALING,
     SHAPES,
-    TEXT_TOKENS,
     Shape,
-    bench_inputs,
     bench_shape,
-    build_bench_model,
     check_device,
     kv_cache_bytes,
     prefill_flops,
@@ -26,6 +24,7 @@ from crop.bench.shapes import (
 
 __all__ = [
     "IMAGE_TOKEN",
+    "SCALING",
     "SHAPES",
     "TEXT_TOKENS",
     "Case",

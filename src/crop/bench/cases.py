@@ -10,10 +10,12 @@ from typing import Any
 
 import torch
 
+from crop.bench.families import bench_clip
 from crop.bench.shapes import Shape
 from crop.localize.attention import AttentionLocalizer
 from crop.region import Region
 from crop.strategies.base import Method
+from crop.strategies.cdpruner import CDPruner
 from crop.strategies.crop_fused import FusedCROP
 from crop.strategies.crop_method import CROP
 from crop.strategies.ilp import ILP
@@ -31,30 +33,48 @@ class Case:
     ideal_tokens: int | None = None
     ideal_layer: int = 0
     """For the ideal: layers before this one see every token (the depth profile of an in-LLM method at K)."""
+    ideal_profile: tuple[int, ...] | None = None
+    """For the ideal at a method's own depth profile (visual tokens per layer): `profile_of` names the method."""
+    profile_of: str | None = None
     localizer: Callable[[Any, dict], Callable[[], Region]] | None = None
     """Given the target model and the inputs, a localization call that is timed as part of the prefill (the
     region then comes from it)."""
     results: dict[str, list[float]] = field(default_factory=dict)
+    profile: tuple[int, ...] | None = None
+    """Visual tokens per LLM layer, as the first measurement counted them."""
+
+    @property
+    def is_ideal(self) -> bool:
+        return self.ideal_tokens is not None or self.ideal_profile is not None
 
 
-def cases(shape: Shape, budgets: list[int], region: Region) -> list[Case]:
-    """Full tokens; CROP region-sized and at each budget (region given; from the attention localizer in a second
-    pass, timed; fused into the prefill); the baselines at each budget; the ideal per budget."""
+def cases(
+    shape: Shape,
+    budgets: list[int],
+    region: Region,
+    region_rows: bool = True,
+    clip_on: tuple[torch.dtype, str] = (torch.float32, "cpu"),
+) -> list[Case]:
+    """Full tokens; CROP region-sized (single-grid shapes) and at each budget (region given; from the attention
+    localizer in a second pass, timed; fused into the prefill); the baselines at each budget; the ideal per budget.
+    `region_rows=False` leaves out the region-sized rows. CDPruner gets a random CLIP text tower in the dtype and
+    on the device of `clip_on`."""
     grid = shape.grid_tokens
-    region_tokens = int(region.token_mask(int(grid**0.5), int(grid**0.5)).sum())
 
     def two_pass(model: Any, inputs: dict) -> Callable[[], Region]:
         localizer = AttentionLocalizer(model, None, layer=1)
         return lambda: localizer.localize_inputs(inputs)
 
-    rows = [
-        Case("full", "all", None),
-        Case("crop-ilp", "region", lambda: CROP(ILP(2)), region),
-        Case("crop-attn-2pass", "region", lambda: CROP(ILP(2)), localizer=two_pass),
-        Case("crop-fused", "region", lambda: FusedCROP(2)),
-        Case("crop-grid-loc", "region", lambda: CROP(ILP(2)), localizer=grid_localizer),
-        Case("ideal", "region", None, ideal_tokens=region_tokens),
-    ]
+    rows = [Case("full", "all", None)]
+    if region_rows and shape.family != "llava_next":  # one square grid: the region's tokens are its share of it
+        region_tokens = int(region.token_mask(int(grid**0.5), int(grid**0.5)).sum())
+        rows += [
+            Case("crop-ilp", "region", lambda: CROP(ILP(2)), region),
+            Case("crop-attn-2pass", "region", lambda: CROP(ILP(2)), localizer=two_pass),
+            Case("crop-fused", "region", lambda: FusedCROP(2)),
+            Case("crop-grid-loc", "region", lambda: CROP(ILP(2)), localizer=grid_localizer),
+            Case("ideal", "region", None, ideal_tokens=region_tokens),
+        ]
     for n in budgets:
         rows += [
             Case("crop-ilp", str(n), lambda n=n: CROP(ILP(2), budget=n), region),
@@ -62,6 +82,7 @@ def cases(shape: Shape, budgets: list[int], region: Region) -> list[Case]:
             Case("crop-fused", str(n), lambda n=n: FusedCROP(2, budget=n)),
             Case("crop-grid-loc", str(n), lambda n=n: CROP(ILP(2), budget=n), localizer=grid_localizer),
             *[Case(name, str(n), lambda n=n, name=name: build_method(name, budget=n)) for name in table_methods()],
+            Case("cdpruner", str(n), lambda n=n: CDPruner(n, clip=bench_clip(shape, *clip_on))),
             Case("ideal", str(n), None, ideal_tokens=n),
             Case("ideal-k2", str(n), None, ideal_tokens=n, ideal_layer=2),
         ]

@@ -1,9 +1,11 @@
-"""The ideal each method is compared with: the model fed only the kept visual tokens from the start, with no
-selection work and no hooks."""
+"""The ideal each method is compared with: the model fed only the kept visual tokens, with no selection work and
+no hooks. Its depth profile (visual tokens per LLM layer) is the method's: all layers at the kept count for a
+method acting before the LLM, the full count before layer K for one pruning at K, a staircase for several stages.
+The kept tokens are the first ones of the image, at their original positions; every family, through its adapter."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -14,73 +16,82 @@ from crop.adapter import adapter_for
 from crop.bench.measure import StepClock
 
 
-def _profile_ideal_prefill(model: Any, inputs: dict, kept: int, layer: int) -> Callable[[], Any]:
-    """The ideal at the depth profile of an in-LLM method at `layer`: plain calls of the language model, layers
-    `< layer` on every token, then layers `>= layer` on the text and the first `kept` visual tokens at their
-    original positions; no selection work and no hooks. (The layer list is swapped on this instance for the call
-    and put back.) Returns the prefill; the two caches are joined into one."""
+def profile_prefill(model: Any, inputs: dict, profile: Sequence[int]) -> Callable[[], dict]:
+    """The ideal prefill at `profile` (visual tokens entering each LLM layer, non-increasing): plain calls of the
+    language model, one per run of layers with the same count, each on the text and the first visual tokens at
+    their original positions, then the last position's logits. (The layer list is swapped on this instance for
+    each call and put back.) Returns `{"cache": ...}`, the calls' caches joined into one."""
     adapter = adapter_for(model)
-    language_model = _language_model(model)
-    ids = inputs["input_ids"][0]
-    visual = (ids == adapter.image_token_id).nonzero().squeeze(1)
-    keep = torch.ones(ids.numel(), dtype=torch.bool, device=ids.device)
-    keep[visual[kept:]] = False
-    positions = keep.nonzero().squeeze(1)[None]
+    language_model = model.model.language_model
+    ids = inputs["input_ids"]
+    visual = ids[0] == adapter.image_token_id
+    rank = visual.long().cumsum(0) - 1
+    original = {key: value for key, value in inputs.items() if key != "pixel_values"}
+    everything = torch.arange(ids.shape[1], device=ids.device)[None]
+    positions = adapter.spliced_inputs(original, dict(original), everything, "original")["position_ids"]
     layers, norm = adapter.decoder_layers(), language_model.norm
+    runs = _runs(profile)
 
-    def run(chosen: nn.ModuleList, **kwargs: Any) -> Any:
-        language_model.layers = chosen
+    def call(chosen: Sequence[nn.Module], final: bool, **kwargs: Any) -> Any:
+        language_model.layers = nn.ModuleList(chosen)
+        language_model.norm = norm if final else nn.Identity()
         try:
             return language_model(use_cache=True, **kwargs)
         finally:
             language_model.layers, language_model.norm = layers, norm
 
-    def prefill() -> Any:
+    def prefill() -> dict:
         with torch.inference_mode():
-            features = adapter.image_features(inputs)[0]
-            embedded = adapter.embed(inputs["input_ids"], [features])
-            language_model.norm = nn.Identity()
-            head = run(nn.ModuleList(layers[:layer]), inputs_embeds=embedded, attention_mask=inputs["attention_mask"])
-            hidden = head.last_hidden_state[:, positions[0]]
-            mask = torch.ones(1, hidden.shape[1], dtype=torch.long, device=hidden.device)
-            tail = run(nn.ModuleList(layers[layer:]), inputs_embeds=hidden, attention_mask=mask, position_ids=positions)
-            model.get_output_embeddings()(tail.last_hidden_state[:, -1:])
-            cache = tail.cache
-            for index in range(layer):
-                cache.layers[index] = head.cache.layers[index]
+            hidden = adapter.embed(ids, [adapter.image_features(inputs)[0]])
+            present = torch.ones_like(visual)
+            caches = []
+            for start, end, count in runs:
+                keep = ~visual | (rank < count)
+                hidden = hidden[:, keep[present]]
+                present = keep
+                mask = torch.ones(1, hidden.shape[1], dtype=torch.long, device=hidden.device)
+                output = call(layers[start:end], end == len(layers), inputs_embeds=hidden, attention_mask=mask,
+                              position_ids=positions[..., keep])  # fmt: skip
+                hidden = output.last_hidden_state
+                caches.append((start, end, output.past_key_values))
+            model.get_output_embeddings()(hidden[:, -1:])
+            cache = caches[-1][2]
+            for start, end, part in caches[:-1]:
+                for index in range(start, end):
+                    cache.layers[index] = part.layers[index]
             return {"cache": cache}
 
     return prefill
 
 
-def _language_model(model: Any) -> nn.Module:
-    """LLaVA-shaped: the text model itself (`model.model.language_model` in transformers 5), a Llama-style module
-    with `layers` and a final `norm`, called with 1-D `position_ids`. The adapter gives its layers but not the module,
-    which the depth-profile ideal calls directly with its layer list swapped."""
-    return model.model.language_model
-
-
-def _ideal_calls(model: Any, inputs: dict, kept: int) -> tuple[Callable[[], Any], Callable[[int, StepClock], Any]]:
-    """The ideal at `kept` tokens: the image is encoded as usual, then the LLM gets only `kept` visual tokens
-    (the first ones, taken without any selection work)."""
+def kept_generate(model: Any, inputs: dict, kept: int) -> Callable[[int, StepClock], Any]:
+    """Generation from the prompt holding only the first `kept` visual tokens (at their original positions), as a
+    pre-LLM method's pruned prompt is generated from."""
     adapter = adapter_for(model)
-    ids = inputs["input_ids"][0]
-    visual = (ids == adapter.image_token_id).nonzero().squeeze(1)
-    start, end = int(visual[0]), int(visual[-1]) + 1
-    short = torch.cat([ids[:start], ids[start : start + kept], ids[end:]])[None]
-    mask = torch.ones_like(short)
-
-    def embeds() -> torch.Tensor:
-        return adapter.embed(short, [adapter.image_features(inputs)[0][:kept]])
-
-    def prefill() -> Any:
-        with torch.inference_mode():
-            return model(inputs_embeds=embeds(), attention_mask=mask, use_cache=True)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    visual = ids[0] == adapter.image_token_id
+    keep = ~visual | (visual.long().cumsum(0) <= kept)
+    short = ids[:, keep]
+    original = {key: value for key, value in inputs.items() if key != "pixel_values"}
+    source = torch.arange(ids.shape[1], device=ids.device)[keep][None]
 
     def generate(steps: int, clock: StepClock) -> Any:
         with torch.inference_mode():
-            return model.generate(input_ids=short, inputs_embeds=embeds(), attention_mask=mask,
-                                  max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+            embeds = adapter.embed(short, [adapter.image_features(inputs)[0][:kept]])
+            spliced = {**original, "input_ids": short, "attention_mask": mask[:, keep], "inputs_embeds": embeds}
+            spliced = adapter.spliced_inputs(original, spliced, source, "original")
+            return model.generate(**spliced, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                                   logits_processor=LogitsProcessorList([clock]))  # fmt: skip
 
-    return prefill, generate
+    return generate
+
+
+def _runs(profile: Sequence[int]) -> list[tuple[int, int, int]]:
+    """`(start, end, count)` per run of consecutive layers with the same visual-token count."""
+    runs: list[tuple[int, int, int]] = []
+    for index, count in enumerate(profile):
+        if runs and runs[-1][2] == count:
+            runs[-1] = (runs[-1][0], index + 1, count)
+        else:
+            runs.append((index, index + 1, count))
+    return runs

@@ -22,22 +22,27 @@ def build_report(
     shape: Shape, all_cases: list[Case], device: str, dtype: str, repeats: int, new_tokens: int, smoke: bool = False
 ) -> dict[str, Any]:
     """Per case, the median prefill (with min and max, its spread flagged above `NOISY`) and its ratios to full
-    tokens and to the ideals, the FLOPs ratios, decode speed, peak memory and KV cache; with the shape and the
-    machine. `smoke`: a quick run that checks the benchmark works, whose timings support no ratio."""
+    tokens and to the ideals (the one at the method's own depth profile gives its selection time: the prefill over
+    that ideal's, and its share of the prefill), the FLOPs ratios, decode speed, peak memory and KV cache; with the
+    shape and the machine. `smoke`: a quick run that checks the benchmark works, whose timings support no ratio."""
     full = next(c for c in all_cases if c.name == "full")
     full_prefill = statistics.median(full.results["prefill_s"])
     full_flops = full.results["flops_prefill"][0]
     vision = full.results["flops_vision"][0]
     ideal = {c.budget: statistics.median(c.results["prefill_s"]) for c in all_cases if c.name == "ideal"}
     profile = {c.budget: statistics.median(c.results["prefill_s"]) for c in all_cases if c.name == "ideal-k2"}
+    own = {c.profile: statistics.median(c.results["prefill_s"]) for c in all_cases if c.is_ideal or c.name == "full"}
     rows = []
     for case in all_cases:
         measured, analytic = case.results["kv_cache_bytes"][0], case.results["kv_cache_bytes_analytic"][0]
         prefill = case.results["prefill_s"]
         median = statistics.median(prefill)
+        selection = None if case.is_ideal or case.name == "full" else median - own[case.profile]
         rows.append({
             "method": case.name,
             "budget": case.budget,
+            "profile_of": case.profile_of,
+            "tokens_per_layer": list(case.profile or ()),
             "kept_tokens": case.results["kept_tokens"][0],
             "average_tokens_over_layers": case.results["average_tokens"][0],
             "prefill_s": {"median": median, "min": min(prefill), "max": max(prefill)},
@@ -46,6 +51,9 @@ def build_report(
             "prefill_ratio_to_full": median / full_prefill,
             "prefill_ratio_to_ideal": median / ideal[case.budget] if case.budget in ideal else None,
             "prefill_ratio_to_ideal_k2": median / profile[case.budget] if case.budget in profile else None,
+            "prefill_ratio_to_profile_ideal": None if selection is None else median / own[case.profile],
+            "selection_s": selection,
+            "selection_share": None if selection is None else selection / median,
             "flops_ratio_to_full": (case.results["flops_prefill"][0] + vision) / (full_flops + vision),
             "llm_flops_ratio_to_full": case.results["flops_prefill"][0] / full_flops,
             "localize_s": _median_or_none(case.results["localize_s"]),
@@ -56,10 +64,7 @@ def build_report(
         })  # fmt: skip
     return {
         "shape": asdict(shape),
-        "note": (
-            f"LLM layers reduced from {shape.real_llm_layers} to {shape.llm_layers} to fit memory"
-            if shape.llm_layers < shape.real_llm_layers else "real layer count"
-        ),
+        "note": _depth_note(shape),
         "device": device,
         "dtype": dtype,
         "repeats": repeats,
@@ -69,6 +74,17 @@ def build_report(
                     "threads": torch.get_num_threads()},
         "rows": rows,
     }  # fmt: skip
+
+
+def _depth_note(shape: Shape) -> str:
+    """What the benchmarked depths are, against the real model's."""
+    note = (
+        f"LLM layers reduced from {shape.real_llm_layers} to {shape.llm_layers} to fit memory"
+        if shape.llm_layers < shape.real_llm_layers else "real layer count"
+    )  # fmt: skip
+    if shape.real_vision_layers and shape.vision_layers < shape.real_vision_layers:
+        note += f"; vision layers reduced from {shape.real_vision_layers} to {shape.vision_layers}"
+    return note
 
 
 def _cpu_name() -> str:
@@ -101,19 +117,23 @@ def table(report: dict[str, Any]) -> str:
     smoke = report.get("smoke", False)
     lines = [
         "| method | budget | kept | avg over layers | prefill ms (min-max) | of which localize ms | x full | x ideal | "
-        "x ideal K=2 | FLOPs x full | decode tok/s | peak MB | KV MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "x ideal K=2 | x own ideal | selection ms (share) | FLOPs x full | decode tok/s | peak MB | KV MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         prefill = row["prefill_s"]
-        ratios = [row["prefill_ratio_to_full"], row["prefill_ratio_to_ideal"], row.get("prefill_ratio_to_ideal_k2")]
-        full, ideal, profile = ("-" if smoke or r is None else f"{r:.2f}" for r in ratios)
+        ratios = [row["prefill_ratio_to_full"], row["prefill_ratio_to_ideal"], row.get("prefill_ratio_to_ideal_k2"),
+                  row.get("prefill_ratio_to_profile_ideal")]  # fmt: skip
+        full, ideal, profile, own = ("-" if smoke or r is None else f"{r:.2f}" for r in ratios)
+        selection = row.get("selection_s")
+        selected = "-" if smoke or selection is None else f"{1000 * selection:.1f} ({row['selection_share']:.1%})"
         mark = " *" if row.get("noisy") and not smoke else ""
+        name = f"ideal ({row['profile_of']} profile)" if row.get("profile_of") else row["method"]
         lines.append(
-            f"| {row['method']}{mark} | {row['budget']} | {row['kept_tokens']} | "
+            f"| {name}{mark} | {row['budget']} | {row['kept_tokens']} | "
             f"{row['average_tokens_over_layers']:.1f} | "
             f"{1000 * prefill['median']:.1f} ({1000 * prefill['min']:.1f}-{1000 * prefill['max']:.1f}) | "
-            f"{_milliseconds(row.get('localize_s'))} | {full} | {ideal} | {profile} | "
+            f"{_milliseconds(row.get('localize_s'))} | {full} | {ideal} | {profile} | {own} | {selected} | "
             f"{row['flops_ratio_to_full']:.2f} | {_number(row['decode_tokens_per_s'])} | {row['peak_memory_mb']:.0f} | "
             f"{row['kv_cache_mb']:.2f} |"
         )

@@ -12,22 +12,14 @@ import torch
 from transformers import LogitsProcessorList
 
 import crop
+from crop.adapter import adapter_for
 from crop.bench.cases import Case, cases
-from crop.bench.ideal import _ideal_calls, _profile_ideal_prefill
+from crop.bench.families import QUESTION, bench_inputs, build_bench_model
+from crop.bench.ideal import kept_generate, profile_prefill
 from crop.bench.measure import PeakMemory, StepClock, measured_cache_bytes, timed
 from crop.bench.report import build_report
-from crop.bench.shapes import (
-    TEXT_TOKENS,
-    Shape,
-    bench_inputs,
-    bench_shape,
-    build_bench_model,
-    check_device,
-    kv_cache_bytes,
-    prefill_flops,
-    vision_flops,
-)
-from crop.errors import ConfigError
+from crop.bench.shapes import Shape, bench_shape, check_device, kv_cache_bytes, prefill_flops, vision_flops
+from crop.errors import ConfigError, UnsupportedModelError
 from crop.region import Region, Viewport
 from crop.strategies.registry import build_method
 
@@ -46,20 +38,27 @@ def run(
     methods: list[str] | None = None,
     llm_layers: int | None = None,
     smoke: bool = False,
+    visual_tokens: int | None = None,
+    model: Any = None,
+    region_rows: bool = True,
 ) -> dict[str, Any]:
     """Measure every case (or, with `methods`, those and full and the ideal); repeats are interleaved (case order
-    rotates each round). `llm_layers` overrides the shape's LLM depth (up to the real model's); `smoke` marks a quick
-    run whose report prints no timing ratio."""
+    rotates each round). `llm_layers` overrides the shape's LLM depth (up to the real model's), `visual_tokens`
+    its image size; `smoke` marks a quick run whose report prints no timing ratio. A method that does not fit the
+    family is left out with its reason; a method whose depth profile no named ideal has gets the ideal at its
+    profile, measured in the same rounds. `model`: one already built for this shape (a scaling run reuses it);
+    `region_rows=False`: no region-sized rows."""
     if threads:
         torch.set_num_threads(threads)
-    shape = bench_shape(shape_name, llm_layers)
+    shape = bench_shape(shape_name, llm_layers, visual_tokens)
     check_device(device)
     torch_dtype = getattr(torch, dtype)
     torch.manual_seed(0)
-    model = build_bench_model(shape, torch_dtype, device)
+    if model is None:
+        model = build_bench_model(shape, torch_dtype, device)
     inputs = bench_inputs(shape, device=device, dtype=torch_dtype)
     region = Region.from_grid([2, 2, 5, 5])
-    all_cases = cases(shape, list(budgets), region)
+    all_cases = cases(shape, list(budgets), region, region_rows, (torch_dtype, device))
     if methods:
         known = {case.name for case in all_cases}
         unknown = sorted(set(methods) - known)
@@ -68,29 +67,64 @@ def run(
         all_cases = [case for case in all_cases if case.name in {*methods, "full", "ideal", "ideal-k2"}]
     else:  # a 2B-parameter localizer: only when asked for by name
         all_cases = [case for case in all_cases if case.name != "crop-grid-loc"]
+    skipped: dict[str, str] = {}
     for round_index in range(warmup + repeats):
         order = all_cases[round_index % len(all_cases) :] + all_cases[: round_index % len(all_cases)]
         for case in order:
-            measurement = _measure(model, inputs, case, shape, new_tokens, device)
-            if round_index >= warmup:
-                for key, value in measurement.items():
-                    case.results.setdefault(key, []).append(value)
+            try:
+                measurement = _measure(model, inputs, case, shape, new_tokens, device)
+            except (UnsupportedModelError, ConfigError) as refusal:
+                if case.profile is not None:
+                    raise
+                skipped[case.name] = str(refusal)
+                all_cases.remove(case)
+                continue
+            _record(case, measurement, round_index >= warmup)
+        if round_index == 0:
+            all_cases += _profile_ideals(all_cases)
         progress(f"round {round_index + 1}/{warmup + repeats} done")
+    for case in all_cases:  # ideals added after the first round, when that round was measured
+        while len(case.results.get("prefill_s", [])) < repeats:
+            _record(case, _measure(model, inputs, case, shape, new_tokens, device), True)
     report = build_report(shape, all_cases, device, dtype, repeats, new_tokens, smoke)
+    report["skipped"] = skipped
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
     return report
 
 
-def _measure(model: Any, inputs: dict, case: Case, shape: Shape, new_tokens: int, device: str) -> dict[str, float]:
+def _record(case: Case, measurement: dict[str, float], kept: bool) -> None:
+    case.profile = case.profile or tuple(measurement.pop("per_layer"))
+    measurement.pop("per_layer", None)
+    if kept:
+        for key, value in measurement.items():
+            case.results.setdefault(key, []).append(value)
+
+
+def _profile_ideals(measured: list[Case]) -> list[Case]:
+    """The ideal at each measured method's depth profile that no named ideal covers (several-stage methods)."""
+    covered = {case.profile for case in measured if case.is_ideal or case.name == "full"}
+    extra: list[Case] = []
+    for case in measured:
+        if not case.is_ideal and case.name != "full" and case.profile not in covered:
+            covered.add(case.profile)
+            extra.append(Case("ideal-profile", case.budget, None, ideal_profile=case.profile, profile_of=case.name))
+    return extra
+
+
+def _measure(model: Any, inputs: dict, case: Case, shape: Shape, new_tokens: int, device: str) -> dict[str, Any]:
     localize_seconds: list[float] = []
-    if case.ideal_tokens is not None and case.ideal_layer:
-        prefill_call, generate_call = _profile_ideal_prefill(model, inputs, case.ideal_tokens, case.ideal_layer), None
-        per_layer = [shape.grid_tokens] * case.ideal_layer + [case.ideal_tokens] * (shape.llm_layers - case.ideal_layer)
-    elif case.ideal_tokens is not None:
-        prefill_call, generate_call = _ideal_calls(model, inputs, case.ideal_tokens)
-        per_layer = [case.ideal_tokens] * shape.llm_layers
+    visual = int((inputs["input_ids"][0] == adapter_for(model).image_token_id).sum())
+    text = inputs["input_ids"].shape[1] - visual
+    if case.is_ideal:
+        per_layer = list(case.ideal_profile or ())
+        if not per_layer:
+            assert case.ideal_tokens is not None
+            per_layer = [visual] * case.ideal_layer + [case.ideal_tokens] * (shape.llm_layers - case.ideal_layer)
+        prefill_call = profile_prefill(model, inputs, per_layer)
+        uniform = len(set(per_layer)) == 1
+        generate_call = kept_generate(model, inputs, per_layer[0]) if uniform else None
     else:
         method = case.method() if case.method is not None else build_method("full")
         pruned = crop.apply(model, None, method=method)
@@ -103,10 +137,13 @@ def _measure(model: Any, inputs: dict, case: Case, shape: Shape, new_tokens: int
                 return [region]
             return [case.region or Region.full()] if method.needs_region else None
 
-        frame = [Viewport()]  # regions are boxes on the bench's square grid
-        prefill_call = lambda: pruned(**inputs, regions=regions(), viewports=frame, use_cache=True)  # noqa: E731
+        frame, questions = [Viewport()], [QUESTION]  # regions are boxes on the bench's square grid
+        prefill_call = lambda: pruned(  # noqa: E731
+            **inputs, regions=regions(), viewports=frame, questions=questions, use_cache=True, logits_to_keep=1
+        )
         generate_call = lambda steps, clock: pruned.generate(  # noqa: E731
-            **inputs, regions=regions(), viewports=frame, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+            **inputs, regions=regions(), viewports=frame, questions=questions, max_new_tokens=steps,
+            min_new_tokens=steps, do_sample=False,
             logits_processor=LogitsProcessorList([clock]),
         )  # fmt: skip
     clock = StepClock(device)
@@ -117,13 +154,13 @@ def _measure(model: Any, inputs: dict, case: Case, shape: Shape, new_tokens: int
         if generate_call is not None:
             generate_call(new_tokens + 1, clock)
     finally:
-        if case.ideal_tokens is None:
+        if not case.is_ideal:
             pruned.remove()
-    if case.ideal_tokens is None:
+    if not case.is_ideal:
         output, stats = output
         per_layer = stats.rows[0].per_layer
     cache = output.get("cache") or output.get("past_key_values")
-    tokens = [n + TEXT_TOKENS for n in per_layer]
+    tokens = [n + text for n in per_layer]
     return {
         "prefill_s": prefill,
         "localize_s": localize,
@@ -135,4 +172,5 @@ def _measure(model: Any, inputs: dict, case: Case, shape: Shape, new_tokens: int
         "flops_vision": vision_flops(shape),
         "kept_tokens": per_layer[-1],
         "average_tokens": sum(per_layer) / len(per_layer),
+        "per_layer": per_layer,
     }

@@ -43,6 +43,8 @@ class RunConfig:
     plc_ratio: int | None = None
     learned_plc: str | None = None
     """Folder of a learned PLC compressor for method crop (e.g. `crop train plc`'s final/)."""
+    clip: str | None = None
+    """CLIP checkpoint whose text tower CDPruner reads the question with."""
     localizer: str = "attention"
     """"attention" (the model's own early-layer attention), a grid-box localizer VLM's path, or "none"."""
     max_new_tokens: int = 16
@@ -55,7 +57,11 @@ class RunConfig:
         """The settings a resumed run must share with the records already written; local paths compare resolved
         (a trailing slash or a relative path names the same folder)."""
         identity = {k: v for k, v in asdict(self).items() if k not in ("batch_size", "limit")}
-        for key in ("model", "data", "learned_plc", "localizer"):
+        if identity["clip"] is None:  # runs written before the setting existed resume
+            del identity["clip"]
+        for key in ("model", "data", "learned_plc", "localizer", "clip"):
+            if key not in identity:
+                continue
             value = identity[key]
             if isinstance(value, str) and value and Path(value).exists():
                 identity[key] = str(Path(value).resolve())
@@ -80,8 +86,9 @@ def run(config: RunConfig, out: str | Path, model: Any = None, processor: Any = 
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only processes join with gloo
     out = Path(out)
     task = get_task(config.bench)
+    # the settings are checked before any sample or model is read
     build_method(config.method, budget=config.budget, layer=config.layer, plc_ratio=config.plc_ratio,
-                 learned_plc=config.learned_plc)  # settings checked before any sample or model is read  # fmt: skip
+                 learned_plc=config.learned_plc, clip=config.clip)  # fmt: skip
     samples = _samples(task, config)
     if state.is_main_process:
         _claim(out, config)
@@ -210,7 +217,7 @@ def _pruned_model(config: RunConfig, model: Any, processor: Any) -> Any:
 
     method = build_method(
         config.method, budget=config.budget, layer=config.layer, plc_ratio=config.plc_ratio,
-        learned_plc=config.learned_plc,
+        learned_plc=config.learned_plc, clip=config.clip,
     )  # fmt: skip
     localizer = None
     if method.needs_region:

@@ -64,6 +64,10 @@ class LlavaAdapter(ModelAdapter):
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(hidden)
 
+    def vision_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        tower = self.model.model.vision_tower
+        return getattr(tower, "vision_model", tower).post_layernorm(hidden)
+
 
 def clip_internals(model: nn.Module, pixel_values: torch.Tensor) -> VisionInternals:
     """A LLaVA-family CLIP tower's feature layer on `pixel_values` `(crops, C, H, W)`: its output states, the CLS

@@ -24,7 +24,8 @@ Raters = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class CallContext:
-    """One pruned call: the model's `inputs` (before any pre-LLM step), per row its layout, viewport and region."""
+    """One pruned call: the model's `inputs` (before any pre-LLM step), per row its layout, viewport, region and
+    question text (when the caller gave it)."""
 
     def __init__(
         self,
@@ -33,12 +34,14 @@ class CallContext:
         layouts: list[VisualLayout],
         viewports: list[Viewport],
         regions: list[Region | None],
+        questions: list[str] | None = None,
     ) -> None:
         self.adapter = adapter
         self.inputs = inputs
         self.layouts = layouts
         self.viewports = viewports
         self.regions = regions
+        self.questions = questions
         self._features: list[torch.Tensor] | None = None
         self._vision: list[VisionCrops] | None = None
         self._masks: dict[int, torch.Tensor] = {}
@@ -106,6 +109,21 @@ class ImageContext:
         """Vision states through the model's projector into the LLM's embedding space."""
         return self.call.adapter.project(hidden)
 
+    def vision_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Feature-layer vision states through the tower's final layer norm (CLIP's `post_layernorm`): the space
+        CLIP's image-text projection expects."""
+        return self.call.adapter.vision_head(hidden)
+
+    def question(self, method: str) -> str:
+        """This row's question text, which `method` reads with its own text encoder (ConfigError if not given)."""
+        questions = self.call.questions
+        if questions is None:
+            raise ConfigError(
+                f"{method} reads each row's question text: pass questions=[...] (one per row) with the inputs, or "
+                "use prepare()/ask(), which record them"
+            )
+        return questions[self.row]
+
     @property
     def inside(self) -> torch.Tensor:
         """`(rows, cols)` mask of the grid tokens inside the region (ConfigError without a region)."""
@@ -141,12 +159,28 @@ class StageContext:
         self.layer = layer
         self.hidden, self.kwargs = observed
         self.stage_hidden = stage_hidden
+        self.attention_mask = attention_mask
         self.repeat = self.hidden.shape[0] // attention_mask.shape[0]
         self.index = index
         self.cell_of = cell_of
         self.selections = selections
         self._embeddings = embeddings
         self._attention: dict[Any, torch.Tensor] = {}
+        self._keys: torch.Tensor | None = None
+        self._normed: torch.Tensor | None = None
+
+    def keys(self) -> torch.Tensor:
+        """`(batch*repeat, kv heads, length, head_dim)`: the keys of the layer before the stage, rotary applied."""
+        if self._keys is None:
+            layer = self.call.adapter.decoder_layers()[self.layer - 1]
+            self._keys = self.call.adapter.layer_keys(layer, self.hidden, self.kwargs)
+        return self._keys
+
+    def normed_stage_hidden(self) -> torch.Tensor:
+        """The hidden states entering the stage through the language model's final norm."""
+        if self._normed is None:
+            self._normed = self.call.adapter.final_norm(self.stage_hidden)
+        return self._normed
 
     def attention(self, queries: str | Raters) -> torch.Tensor:
         """`(batch*repeat, heads, length)` attention of the query rows to the stage's current tokens, in the layer
@@ -249,6 +283,25 @@ class StageRow:
         """`(tokens, dim)`: the prompt embeddings of these tokens."""
         index = self.context.index[self._expanded, self.positions]
         return self.context.embeddings()[self._expanded, index]
+
+    def text_after_image(self) -> torch.Tensor:
+        """Positions, in the stage's layout, of the prompt tokens after the image (the question and what follows;
+        rows are left-padded, so every one is real)."""
+        return torch.arange(int(self.positions.max()) + 1, self.context.index.shape[1], device=self.positions.device)
+
+    def keys(self) -> torch.Tensor:
+        """`(length, kv heads * head_dim)`: every position's key in the layer before the stage, rotary applied."""
+        keys = self.context.keys()[self._expanded]
+        return keys.transpose(0, 1).reshape(keys.shape[1], -1)
+
+    def normed_states(self) -> torch.Tensor:
+        """`(length, dim)`: every position's hidden state entering the stage, through the final norm."""
+        return self.context.normed_stage_hidden()[self._expanded]
+
+    def prompt_index(self, positions: torch.Tensor) -> torch.Tensor:
+        """The index in the row's unpadded prompt of each of `positions` (in the stage's layout)."""
+        pads = int((self.context.attention_mask[self.row] == 0).sum())
+        return self.context.index[self._expanded, positions.to(self.context.index.device)] - pads
 
     def check_question(self) -> None:
         self.context.check_question()

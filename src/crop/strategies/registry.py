@@ -9,8 +9,10 @@ from pathlib import Path
 
 from crop.errors import ConfigError
 from crop.strategies.base import Method
+from crop.strategies.cdpruner import CDPruner
 from crop.strategies.crop_fused import FusedCROP
 from crop.strategies.crop_method import CROP
+from crop.strategies.dart import DART
 from crop.strategies.divprune import DivPrune
 from crop.strategies.fastv import FastV
 from crop.strategies.full import Full
@@ -33,6 +35,8 @@ class MethodSettings:
     layer: int = 2
     plc: PLC | LearnedPLC | None = None
     seed: int = 0
+    clip: str | Path | None = None
+    """CDPruner: the CLIP checkpoint whose text tower reads the question."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,10 @@ for _info in (
                "before the LLM", True, lambda s: VisionZip(s.budget)),
     MethodInfo("divprune", "the N most diverse projected tokens (greedy max-min cosine distance)", "before the LLM",
                True, lambda s: DivPrune(s.budget)),
+    MethodInfo("dart", "at layer K, 8 pivot tokens and the visual tokens least similar to them (no attention "
+               "weights)", "inside the LLM at K", True, lambda s: DART(s.budget, layer=s.layer)),
+    MethodInfo("cdpruner", "the N tokens a conditional DPP picks: diverse and relevant to the question (CLIP text "
+               "tower; --clip)", "before the LLM", True, lambda s: CDPruner(s.budget, clip=s.clip), tables="none"),
     MethodInfo("random", "N tokens drawn at random (seeded)", "before the LLM", True,
                lambda s: RandomSelection(s.budget, seed=s.seed)),
     MethodInfo("pool", "the grid average-pooled down to N tokens (image downsampling)", "before the LLM", True,
@@ -119,12 +127,14 @@ def build_method(
     plc_ratio: int | None = None,
     seed: int = 0,
     learned_plc: str | Path | None = None,
+    clip: str | Path | None = None,
 ) -> Method:
     """The method `name` with its settings; `budget` is the number of visual tokens kept (methods that need one).
 
     For `crop`, a negative `layer` disables ILP, `plc_ratio` adds pooling PLC and `learned_plc` (a folder holding
     `learned_plc.json` and its weights, as `crop train plc` and `crop synth train` save them) the learned PLC; with
-    a budget and no ILP, the learned compressor's output is capped at the budget.
+    a budget and no ILP, the learned compressor's output is capped at the budget. `clip` is the CLIP checkpoint
+    of `cdpruner`.
     """
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
@@ -133,7 +143,9 @@ def build_method(
         raise ConfigError(f"method {name!r} needs a budget: the number of visual tokens to keep")
     if name != "crop" and (plc_ratio or learned_plc):
         raise ConfigError(f"PLC settings (plc ratio, learned PLC) apply to method crop only, not {name!r}")
+    if clip is not None and name != "cdpruner":
+        raise ConfigError(f"a CLIP checkpoint (--clip) applies to method cdpruner only, not {name!r}")
     if plc_ratio and learned_plc:
         raise ConfigError("give either a PLC pooling ratio or a learned PLC compressor, not both")
     plc = PLC(ratio=plc_ratio) if plc_ratio else (LearnedPLC.from_pretrained(learned_plc) if learned_plc else None)
-    return info.build(MethodSettings(budget=budget, layer=layer, plc=plc, seed=seed))
+    return info.build(MethodSettings(budget=budget, layer=layer, plc=plc, seed=seed, clip=clip))
