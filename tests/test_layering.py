@@ -92,7 +92,7 @@ def test_library_code_imports_no_test_factory(path):
 
 GENERIC = ["strategies/base.py", "strategies/context.py", "strategies/engine.py", "strategies/grids.py"]
 METHOD_FILES = ["crop_method", "crop_fused", "fastv", "pyramid_drop", "sparsevlm", "visionzip", "random_select",
-                "pooling", "learned_plc", "full", "divprune", "registry"]  # fmt: skip
+                "pooling", "learned_plc", "full", "divprune", "dart", "cdpruner", "registry"]  # fmt: skip
 
 
 @pytest.mark.parametrize("path", files(*GENERIC), ids=lambda p: str(p.relative_to(SOURCE)))

@@ -41,8 +41,8 @@ class CropLMM(lmms):
 
     `--model_args` (comma-separated `key=value`): `pretrained` (model directory or hub id), `method` (see
     `crop methods`), `budget` (visual tokens kept), `layer` (K), `localizer` ("attention", "none" or the directory
-    of a grid-box localizer VLM), `max_new_tokens` (when the task sets none), `attn_implementation`, `dtype`,
-    `device`; `--batch_size` sets the batch size.
+    of a grid-box localizer VLM), `clip` (the CLIP checkpoint of method cdpruner), `max_new_tokens` (when the task
+    sets none), `attn_implementation`, `dtype`, `device`; `--batch_size` sets the batch size.
     """
 
     def __init__(
@@ -57,6 +57,7 @@ class CropLMM(lmms):
         attn_implementation: str = "sdpa",
         dtype: str = "float32",
         device: str | None = None,
+        clip: str | None = None,
     ) -> None:
         if _LMMS_EVAL_MISSING is not None:
             raise ImportError("CropLMM is an lmms-eval model and needs lmms-eval: pip install lmms-eval") from (
@@ -69,7 +70,7 @@ class CropLMM(lmms):
         model, self.processor = load_model(str(pretrained), attn_implementation=attn_implementation, dtype=dtype)
         self.model = model.to(self._device)
         budget = None if budget is None or str(budget).lower() in ("", "none") else int(budget)
-        self.method = build_method(str(method), budget=budget, layer=int(layer))
+        self.method = build_method(str(method), budget=budget, layer=int(layer), clip=clip or None)
         self.localizer = self._localizer(str(localizer), int(layer)) if self.method.needs_region else None
         self.pruned = crop.apply(self.model, self.processor, method=self.method)
         self.batch_size = int(batch_size)
