@@ -194,7 +194,7 @@ def test_scaling_run_reports_every_size_with_selection_time(tmp_path):
     method against the ideal at its own depth profile, the refused VisionZip named with its reason, and the plot."""
     out = tmp_path / "scaling.json"
     argv = ["bench", "--shape", "tiny-qwen", "--scaling", "--keep", "1/4", "--repeats", "1", "--warmup", "0",
-            "--new-tokens", "2", "--out", str(out)]  # fmt: skip
+            "--new-tokens", "2", "--decode-methods", "full", "crop-ilp", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     scaling = json.loads(out.read_text())
     assert [run["visual_tokens"] for run in scaling["runs"]] == [16, 64]
@@ -202,6 +202,8 @@ def test_scaling_run_reports_every_size_with_selection_time(tmp_path):
         assert "no CLS token" in run["skipped"]["visionzip"]
         rows = {(row["method"], row["profile_of"]): row for row in run["rows"]}
         assert all(row["budget"] in ("all", budget) for row in run["rows"])
+        for row in run["rows"]:  # only the rows asked for decode
+            assert (row["decode_tokens_per_s"] is not None) == (row["method"] in ("full", "crop-ilp")), row["method"]
         staircase = rows[("ideal-profile", "pyramiddrop")]
         assert staircase["tokens_per_layer"] == rows[("pyramiddrop", None)]["tokens_per_layer"]
         for (method, _), row in rows.items():

@@ -103,6 +103,8 @@ def _parser(training: bool = True) -> argparse.ArgumentParser:
                        " any square count; llava-next-7b: 1176, 1752 or 2928); several make a scaling run")  # fmt: skip
     bench.add_argument("--scaling", action="store_true", help="a scaling run at the shape's standard sizes "
                        "(qwen2.5-vl-7b: 1024, 4096, 16384 visual tokens; llava-next-7b: 1176, 1752, 2928)")  # fmt: skip
+    bench.add_argument("--decode-methods", nargs="+", help="decode only these rows (e.g. full crop-ilp ideal); the "
+                       "others measure prefill alone (default: every row decodes)")  # fmt: skip
     bench.add_argument("--keep", type=_share, nargs="+", default=[Fraction(1, 9)], help="a scaling run's budgets as "
                        "shares of each size's visual tokens (default 1/9: 64 of LLaVA-1.5's 576)")  # fmt: skip
     bench.add_argument(
@@ -337,6 +339,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         args.shape, tuple(args.budgets), repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens,
         device=args.device, dtype=args.dtype, out=args.out, threads=args.threads, methods=args.methods,
         llm_layers=args.llm_layers, smoke=args.quick, visual_tokens=counts[0] if counts else None,
+        decode_methods=args.decode_methods,
     )  # fmt: skip
     print(f"{report['shape']['name']}: {report['note']}; {report['device']} {report['dtype']}; {report['machine']}")
     text = bench.table(report)
@@ -356,9 +359,8 @@ def _run_scaling(args: argparse.Namespace, counts: list[int]) -> int:
     scaling = run_scaling(
         args.shape, counts, args.keep, repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens,
         device=args.device, dtype=args.dtype, threads=args.threads, methods=args.methods, llm_layers=args.llm_layers,
-        smoke=args.quick,
+        smoke=args.quick, decode_methods=args.decode_methods, out=args.out,
     )  # fmt: skip
-    args.out.write_text(json.dumps(scaling, indent=2))
     text = scaling_table(scaling)
     print(text)
     args.out.with_suffix(".md").write_text(text + "\n")

@@ -41,13 +41,15 @@ def run(
     visual_tokens: int | None = None,
     model: Any = None,
     region_rows: bool = True,
+    decode_methods: list[str] | None = None,
 ) -> dict[str, Any]:
     """Measure every case (or, with `methods`, those and full and the ideal); repeats are interleaved (case order
     rotates each round). `llm_layers` overrides the shape's LLM depth (up to the real model's), `visual_tokens`
     its image size; `smoke` marks a quick run whose report prints no timing ratio. A method that does not fit the
     family is left out with its reason; a method whose depth profile no named ideal has gets the ideal at its
     profile, measured in the same rounds. `model`: one already built for this shape (a scaling run reuses it);
-    `region_rows=False`: no region-sized rows."""
+    `region_rows=False`: no region-sized rows; `decode_methods`: decode only these rows (all by default), the others
+    measure prefill alone (each decode prefills again: at 16k tokens that doubles a round)."""
     if threads:
         torch.set_num_threads(threads)
     shape = bench_shape(shape_name, llm_layers, visual_tokens)
@@ -68,11 +70,15 @@ def run(
     else:  # a 2B-parameter localizer: only when asked for by name
         all_cases = [case for case in all_cases if case.name != "crop-grid-loc"]
     skipped: dict[str, str] = {}
+
+    def steps(case: Case) -> int:
+        return new_tokens if decode_methods is None or case.name in decode_methods else 0
+
     for round_index in range(warmup + repeats):
         order = all_cases[round_index % len(all_cases) :] + all_cases[: round_index % len(all_cases)]
         for case in order:
             try:
-                measurement = _measure(model, inputs, case, shape, new_tokens, device)
+                measurement = _measure(model, inputs, case, shape, steps(case), device)
             except (UnsupportedModelError, ConfigError) as refusal:
                 if case.profile is not None:
                     raise
@@ -81,11 +87,14 @@ def run(
                 continue
             _record(case, measurement, round_index >= warmup)
         if round_index == 0:
-            all_cases += _profile_ideals(all_cases)
+            extra = _profile_ideals(all_cases)
+            for case in extra:  # their own warm-up, unrecorded
+                _record(case, _measure(model, inputs, case, shape, steps(case), device), False)
+            all_cases += extra
         progress(f"round {round_index + 1}/{warmup + repeats} done")
     for case in all_cases:  # ideals added after the first round, when that round was measured
         while len(case.results.get("prefill_s", [])) < repeats:
-            _record(case, _measure(model, inputs, case, shape, new_tokens, device), True)
+            _record(case, _measure(model, inputs, case, shape, steps(case), device), True)
     report = build_report(shape, all_cases, device, dtype, repeats, new_tokens, smoke)
     report["skipped"] = skipped
     if out is not None:
@@ -151,7 +160,7 @@ def _measure(model: Any, inputs: dict, case: Case, shape: Shape, new_tokens: int
         with torch.inference_mode(), PeakMemory(device) as memory:
             prefill, output = timed(prefill_call, device)
         localize = localize_seconds[0] if localize_seconds else None
-        if generate_call is not None:
+        if generate_call is not None and new_tokens:
             generate_call(new_tokens + 1, clock)
     finally:
         if not case.is_ideal:
@@ -164,7 +173,7 @@ def _measure(model: Any, inputs: dict, case: Case, shape: Shape, new_tokens: int
     return {
         "prefill_s": prefill,
         "localize_s": localize,
-        "decode_tokens_per_s": clock.tokens_per_second() if generate_call else None,
+        "decode_tokens_per_s": clock.tokens_per_second() if generate_call and new_tokens else None,
         "peak_memory_bytes": memory.peak,
         "kv_cache_bytes": measured_cache_bytes(cache),
         "kv_cache_bytes_analytic": kv_cache_bytes(shape, tokens, cache.layers[0].keys.dtype),

@@ -4,6 +4,7 @@ against visual tokens."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -23,16 +24,19 @@ def run_scaling(
     counts: Sequence[int],
     keep: Sequence[Fraction],
     progress: Callable[[str], None] = print,
+    out: Path | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """The benchmark of `shape_name` at each visual-token count in `counts`, with budgets `keep` of each count;
-    `options` as for `run` (repeats, warmup, new_tokens, device, dtype, methods, llm_layers, threads, smoke)."""
+    `options` as for `run` (repeats, warmup, new_tokens, device, dtype, methods, llm_layers, threads, smoke,
+    decode_methods). With `out`, the sizes measured so far are written there after each one."""
     import torch
 
     dtype = getattr(torch, options.get("dtype", "float32"))
     largest = bench_shape(shape_name, options.get("llm_layers"), max(counts))
     model = build_bench_model(largest, dtype, options.get("device", "cpu"))
-    runs = []
+    runs: list[dict[str, Any]] = []
+    scaling = {"shape": shape_name, "keep": [str(share) for share in keep], "runs": runs}
     for count in counts:
         budgets = tuple(max(1, round(count * share)) for share in keep)
         progress(f"{count} visual tokens, budgets {budgets}")
@@ -40,7 +44,9 @@ def run_scaling(
                      region_rows=False, **options)  # fmt: skip
         report["visual_tokens"] = count
         runs.append(report)
-    return {"shape": shape_name, "keep": [str(share) for share in keep], "runs": runs}
+        if out is not None:
+            out.write_text(json.dumps(scaling, indent=2))
+    return scaling
 
 
 def scaling_table(scaling: dict[str, Any]) -> str:
