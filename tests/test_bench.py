@@ -231,3 +231,18 @@ def test_bench_sizes_are_checked_and_the_cli_lists_every_shape():
         bench_shape("llava-next-7b", visual_tokens=2880)
     with pytest.raises(ConfigError, match="fixed grid of 576 visual tokens, not 1024"):
         bench_shape("llava-1.5-7b", visual_tokens=1024)
+
+
+def test_bad_bench_flags_are_refused_with_what_is_accepted(capsys):
+    for argv, message in (
+        (["--keep", "2"], "expected a share strictly between 0 and 1, got 2"),
+        (["--keep", "a/b"], "expected a share like 1/9 or 0.25"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["bench", "--shape", "tiny", *argv])
+        assert message in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"--decode-methods names rows this run does not have: \['fulll'\]"):
+        from crop.bench import run
+
+        run("tiny", (32,), repeats=1, warmup=0, new_tokens=2, out=None, methods=["fastv"], decode_methods=["fulll"],
+            progress=lambda _: None)  # fmt: skip

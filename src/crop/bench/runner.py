@@ -69,6 +69,12 @@ def run(
         all_cases = [case for case in all_cases if case.name in {*methods, "full", "ideal", "ideal-k2"}]
     else:  # a 2B-parameter localizer: only when asked for by name
         all_cases = [case for case in all_cases if case.name != "crop-grid-loc"]
+    unknown_decode = sorted(set(decode_methods or ()) - {case.name for case in all_cases})
+    if unknown_decode:
+        raise ConfigError(
+            f"--decode-methods names rows this run does not have: {unknown_decode}; its rows: "
+            f"{sorted({case.name for case in all_cases})}"
+        )
     skipped: dict[str, str] = {}
 
     def steps(case: Case) -> int:
