@@ -4,6 +4,7 @@ and checks what must hold whatever the timings: every method's KV cache equals t
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -216,6 +217,23 @@ def test_scaling_run_reports_every_size_with_selection_time(tmp_path):
     table = out.with_suffix(".md").read_text()
     assert "| 16 | divprune | 4 |" in table and "| 64 | divprune | 16 |" in table
     assert out.with_suffix(".png").is_file()
+
+
+def test_a_resumed_scaling_run_measures_only_the_missing_sizes(tmp_path, capsys):
+    """`--resume` keeps the sizes already in --out and measures the rest; other settings are refused, naming them."""
+    out = tmp_path / "scaling.json"
+    argv = ["bench", "--shape", "tiny-qwen", "--keep", "1/4", "--repeats", "1", "--warmup", "0", "--new-tokens", "2",
+            "--methods", "crop-ilp", "--decode-methods", "full", "--out", str(out), "--resume"]  # fmt: skip
+    assert main([*argv, "--visual-tokens", "16", "36"]) == 0
+    first = json.loads(out.read_text())["runs"]
+    capsys.readouterr()
+    assert main([*argv, "--visual-tokens", "16", "64", "36"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    runs = json.loads(out.read_text())["runs"]
+    assert [run["visual_tokens"] for run in runs] == [16, 36, 64]
+    assert runs[:2] == first
+    assert main([*argv[:6], "2", *argv[7:], "--visual-tokens", "16", "100"]) != 0
+    assert re.search(r"cannot resume .*measured with repeats 1, this run asks for .*repeats 2", capsys.readouterr().err)
 
 
 def test_bench_sizes_are_checked_and_the_cli_lists_every_shape():

@@ -105,6 +105,8 @@ def _parser(training: bool = True) -> argparse.ArgumentParser:
                        "(qwen2.5-vl-7b: 1024, 4096, 16384 visual tokens; llava-next-7b: 1176, 1752, 2928)")  # fmt: skip
     bench.add_argument("--decode-methods", nargs="+", help="decode only these rows (e.g. full crop-ilp ideal); the "
                        "others measure prefill alone (default: every row decodes)")  # fmt: skip
+    bench.add_argument("--resume", action="store_true", help="a scaling run adds only the sizes that --out does not "
+                       "hold yet (it must have been measured with the same settings)")  # fmt: skip
     bench.add_argument("--keep", type=_share, nargs="+", default=[Fraction(1, 9)], help="a scaling run's budgets as "
                        "shares of each size's visual tokens (default 1/9: 64 of LLaVA-1.5's 576)")  # fmt: skip
     bench.add_argument(
@@ -359,7 +361,7 @@ def _run_scaling(args: argparse.Namespace, counts: list[int]) -> int:
     scaling = run_scaling(
         args.shape, counts, args.keep, repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens,
         device=args.device, dtype=args.dtype, threads=args.threads, methods=args.methods, llm_layers=args.llm_layers,
-        smoke=args.quick, decode_methods=args.decode_methods, out=args.out,
+        smoke=args.quick, decode_methods=args.decode_methods, out=args.out, resume=args.resume,
     )  # fmt: skip
     text = scaling_table(scaling)
     print(text)

@@ -102,6 +102,7 @@ def run(
         while len(case.results.get("prefill_s", [])) < repeats:
             _record(case, _measure(model, inputs, case, shape, steps(case), device), True)
     report = build_report(shape, all_cases, device, dtype, repeats, new_tokens, smoke)
+    report["warmup"] = warmup
     report["skipped"] = skipped
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from typing import Any
 from crop.bench.families import build_bench_model
 from crop.bench.runner import run
 from crop.bench.shapes import bench_shape
+from crop.errors import ConfigError
 
 SELECTION_LIMIT = 0.05
 """A method's selection time (its prefill over the ideal at its depth profile) should stay under this share of its
@@ -25,28 +26,66 @@ def run_scaling(
     keep: Sequence[Fraction],
     progress: Callable[[str], None] = print,
     out: Path | None = None,
+    resume: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """The benchmark of `shape_name` at each visual-token count in `counts`, with budgets `keep` of each count;
     `options` as for `run` (repeats, warmup, new_tokens, device, dtype, methods, llm_layers, threads, smoke,
-    decode_methods). With `out`, the sizes measured so far are written there after each one."""
+    decode_methods). With `out`, the sizes measured so far are written there after each one; with `resume` too,
+    the sizes already in `out` (measured with the same settings) are kept and not measured again."""
     import torch
 
     dtype = getattr(torch, options.get("dtype", "float32"))
     largest = bench_shape(shape_name, options.get("llm_layers"), max(counts))
-    model = build_bench_model(largest, dtype, options.get("device", "cpu"))
-    runs: list[dict[str, Any]] = []
+    runs = _measured(out, shape_name, keep, largest.llm_layers, options) if resume and out is not None else []
+    done = {report["visual_tokens"] for report in runs}
+    if done:
+        progress(f"resuming {out}: {sorted(done)} visual tokens already measured")
     scaling = {"shape": shape_name, "keep": [str(share) for share in keep], "runs": runs}
-    for count in counts:
+    todo = [count for count in counts if count not in done]
+    model = build_bench_model(largest, dtype, options.get("device", "cpu")) if todo else None
+    for count in todo:
         budgets = tuple(max(1, round(count * share)) for share in keep)
         progress(f"{count} visual tokens, budgets {budgets}")
         report = run(shape_name, budgets, out=None, progress=progress, visual_tokens=count, model=model,
                      region_rows=False, **options)  # fmt: skip
         report["visual_tokens"] = count
         runs.append(report)
+        runs.sort(key=lambda measured: measured["visual_tokens"])
         if out is not None:
             out.write_text(json.dumps(scaling, indent=2))
     return scaling
+
+
+RESUMED_SETTINGS = ("device", "dtype", "repeats", "new_tokens", "smoke")
+"""Report fields that must equal the new run's for a resumed scaling run to add its sizes to the old ones."""
+
+
+def _measured(
+    out: Path, shape_name: str, keep: Sequence[Fraction], llm_layers: int, options: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The sizes an earlier scaling run wrote to `out`, after checking that it ran with the same settings; none if
+    `out` does not exist yet."""
+    if not out.exists():
+        return []
+    earlier = json.loads(out.read_text())
+    wanted = {"device": options.get("device", "cpu"), "dtype": options.get("dtype", "float32"),
+              "repeats": options.get("repeats", 5), "new_tokens": options.get("new_tokens", 32),
+              "smoke": options.get("smoke", False)}  # fmt: skip
+    differences = []
+    if earlier.get("shape") != shape_name or earlier.get("keep") != [str(share) for share in keep]:
+        differences.append(f"shape/keep {earlier.get('shape')} {earlier.get('keep')}")
+    for report in earlier.get("runs", []):
+        if report["shape"]["llm_layers"] != llm_layers:
+            differences.append(f"llm_layers {report['shape']['llm_layers']}")
+        differences += [f"{key} {report[key]}" for key in RESUMED_SETTINGS if report[key] != wanted[key]]
+    if differences:
+        raise ConfigError(
+            f"cannot resume {out}: it was measured with {', '.join(sorted(set(differences)))}, this run asks for "
+            f"shape {shape_name}, keep {[str(share) for share in keep]}, llm_layers {llm_layers}, "
+            f"{', '.join(f'{key} {value}' for key, value in wanted.items())}; drop --resume or use another --out"
+        )
+    return earlier["runs"]
 
 
 def scaling_table(scaling: dict[str, Any]) -> str:
