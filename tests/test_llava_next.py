@@ -127,7 +127,7 @@ def test_generation_with_cache_equals_recompute(model, processor):
         assert torch.equal(sequences[row, -3:], step["input_ids"][0, -3:])
 
 
-@pytest.mark.parametrize("method", ["fastv", "pyramiddrop", "sparsevlm"])
+@pytest.mark.parametrize("method", ["fastv", "pyramiddrop", "pyramiddrop-authors", "sparsevlm"])
 def test_in_llm_baselines_run_on_both_grids(model, processor, method):
     inputs = batch(processor, 3)
     pruned = crop.apply(model, processor, method=method, budget=20)

@@ -197,6 +197,11 @@ class ModelAdapter(ABC):
         cos, sin = kwargs["position_embeddings"]
         return _rotate(key.transpose(1, 2), cos, sin)
 
+    def renumbering_rotary(self) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """The language model's rotary embedding `(hidden, position_ids) -> (cos, sin)`, for in-LLM methods that
+        renumber the kept tokens' positions (the default fits 1-D rotary positions: LLaVA's Llama)."""
+        return self.model.model.language_model.rotary_emb
+
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states through the language model's final norm (the default: `model.model.language_model.norm`,
         as transformers 5 lays out LLaVA and Qwen2-VL)."""

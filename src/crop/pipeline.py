@@ -61,7 +61,10 @@ class CropModel:
         layout = self.adapter.visual_layout()
         self.method.validate(len(layers), None if layout is None else layout.rows * layout.cols)
         self.before, self.inside = self.method.parts()
-        self._hooks = ILPHooks(layers, self.inside.stage_layers) if self.inside is not None else None
+        self._hooks = None
+        if self.inside is not None:
+            rotary = self.adapter.renumbering_rotary() if self.inside.positions == "compact" else None
+            self._hooks = ILPHooks(layers, self.inside.stage_layers, rotary)
 
     def remove(self) -> None:
         """Take the hooks off the model; it behaves exactly as before `apply`."""

@@ -72,6 +72,13 @@ class Qwen2VLAdapter(ModelAdapter):
             "fastv, pyramiddrop, sparsevlm or crop"
         )
 
+    def renumbering_rotary(self) -> Any:
+        raise UnsupportedModelError(
+            f"{self.family}: renumbered positions inside the LLM (the authors' PyramidDrop and SparseVLM, written "
+            "for LLaVA's 1-D positions) have no defined meaning for 3-D M-RoPE positions; use the method's default "
+            "positions='original'"
+        )
+
     def spliced_inputs(
         self, original: dict[str, Any], spliced: dict[str, Any], source: torch.Tensor, position: str
     ) -> dict[str, Any]:

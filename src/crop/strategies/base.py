@@ -97,8 +97,11 @@ class PreLLMMethod(Method):
 class InLLMMethod(Method):
     """Acts inside the LLM: at each of `stage_layers` it keeps some of the grid tokens that reached it.
 
-    `stage_layers` must be resolved (by `bind`) before the method runs.
+    `stage_layers` must be resolved (by `bind`) before the method runs. `positions`: `original` (kept tokens keep
+    their position ids) or `compact` (each stage's tokens are renumbered consecutively, 1-D positions only).
     """
+
+    positions: str = "original"
 
     def parts(self) -> tuple[PreLLMMethod | None, InLLMMethod | None]:
         return None, self

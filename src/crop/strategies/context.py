@@ -182,24 +182,29 @@ class StageContext:
             self._normed = self.call.adapter.final_norm(self.stage_hidden)
         return self._normed
 
-    def attention(self, queries: str | Raters) -> torch.Tensor:
-        """`(batch*repeat, heads, length)` attention of the query rows to the stage's current tokens, in the layer
-        before the stage: the last prompt token's (`"last"`), the mean over every token after the image
-        (`"question"`), or the mean over the text tokens a `Raters` function picks."""
+    def attention(self, queries: str | Raters, layer: str = "before") -> torch.Tensor:
+        """`(batch*repeat, heads, length)` attention of the query rows to the stage's current tokens: the last
+        prompt token's (`"last"`), the mean over every token after the image (`"question"`), or the mean over the
+        text tokens a `Raters` function picks; in the layer before the stage on its input (`layer="before"`) or in
+        the stage's first layer on the stage's input (`"stage"`, before anything is dropped there)."""
         if isinstance(queries, str) and queries not in ("last", "question"):
             raise ConfigError(f"attention queries must be 'last', 'question' or a raters function, got {queries!r}")
-        if queries not in self._attention:
+        if layer not in ("before", "stage"):
+            raise ConfigError(f"attention layer must be 'before' or 'stage', got {layer!r}")
+        key = (queries, layer)
+        if key not in self._attention:
             adapter = self.call.adapter
-            layer = adapter.decoder_layers()[self.layer - 1]
+            hidden = self.hidden if layer == "before" else self.stage_hidden
+            decoder = adapter.decoder_layers()[self.layer - 1 if layer == "before" else self.layer]
             if queries == "last":
-                attention = adapter.query_attention(layer, self.hidden, self.kwargs)[:, :, 0]
+                attention = adapter.query_attention(decoder, hidden, self.kwargs)[:, :, 0]
             else:
                 weights = question_weights(self.cell_of) if queries == "question" else self._rater_weights(queries)
                 weights = weights.repeat_interleave(self.repeat, 0)
-                rows = adapter.query_attention(layer, self.hidden, self.kwargs, weights.shape[1])
+                rows = adapter.query_attention(decoder, hidden, self.kwargs, weights.shape[1])
                 attention = pool_rows(rows, weights)
-            self._attention[queries] = attention
-        return self._attention[queries]
+            self._attention[key] = attention
+        return self._attention[key]
 
     def check_question(self) -> None:
         """Refuse prompts with no text after the image (methods that rate the image by the question)."""
@@ -269,10 +274,10 @@ class StageRow:
             return selection.compressed.inside.cpu()[self.tokens.cpu()]
         return self.image.inside.reshape(-1)[self.tokens.cpu()]
 
-    def attention(self, queries: str | Raters = "last") -> torch.Tensor:
-        """`(heads, tokens)`: the attention the query rows (see `StageContext.attention`) pay these tokens in the
-        layer before the stage."""
-        return self.context.attention(queries)[self._expanded][:, self.positions]
+    def attention(self, queries: str | Raters = "last", layer: str = "before") -> torch.Tensor:
+        """`(heads, tokens)`: the attention the query rows pay these tokens in the layer before the stage or the
+        stage's first layer (see `StageContext.attention`)."""
+        return self.context.attention(queries, layer)[self._expanded][:, self.positions]
 
     @property
     def hidden(self) -> torch.Tensor:

@@ -4,7 +4,8 @@ Layers `0..K-1` see the whole prompt. Forward pre-hooks on layers `>= K` shorten
 gather the rotary position embeddings and position ids of the kept tokens and replace the attention mask with
 one over the kept tokens, so those layers' KV caches hold only kept tokens. Rows of a batch that keep different
 numbers of tokens are re-padded on the left and the pads masked. Decoding continues at the original positions
-because the rotary embeddings are computed by the model for the full sequence and only gathered here.
+because the rotary embeddings are computed by the model for the full sequence and only gathered here (or, for
+methods that renumber the kept tokens, computed here for their new positions and each stage's decode steps).
 No attention weights are needed, so SDPA works unchanged.
 """
 
@@ -141,10 +142,16 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @dataclass
 class Layout:
-    """A stage's token layout: `index[b, j]` is the prompt position of row b's j-th token, `valid` marks non-pads."""
+    """A stage's token layout: `index[b, j]` is the prompt position of row b's j-th token, `valid` marks non-pads.
+
+    With renumbered positions, `positions[b, j]` is the position id the token gets and `shift[b]` how far the
+    row's decode positions move back (the tokens dropped so far); both None when tokens keep their positions.
+    """
 
     index: torch.Tensor
     valid: torch.Tensor
+    positions: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
 
     @classmethod
     def full(cls, batch: int, length: int, device: torch.device) -> Layout:
@@ -155,6 +162,19 @@ class Layout:
         """The layout after keeping `plan`'s positions (given relative to this layout)."""
         return Layout(self.index.gather(1, plan.gather_index), plan.valid)
 
+    def renumbered(self, position_ids: torch.Tensor) -> Layout:
+        """This layout with its tokens numbered consecutively from each row's first token, given the full prompt's
+        `position_ids` `(batch or 1, length)`: what the model would number a prompt of only these tokens."""
+        original = _take(position_ids, self.index)
+        first = self.valid.long().argmax(1)
+        start = original.gather(1, first[:, None])
+        rank = (self.valid.long().cumsum(1) - 1).clamp(min=0)
+        positions = start + rank
+        return Layout(self.index, self.valid, positions, original[:, -1] - positions[:, -1])
+
+
+RotaryEmbedding = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""`(hidden states, position ids) -> (cos, sin)`: a model's rotary embedding at given positions."""
 
 PlanBuilder = Callable[[torch.Tensor, dict[str, Any], Layout, torch.Tensor, torch.Tensor | None], KeepPlan]
 """Builds a stage's plan at prefill from the observed layer's input `(hidden_states, kwargs)` (the layer just
@@ -173,6 +193,8 @@ class PrunedCall:
     observed: dict[int, tuple[torch.Tensor, dict[str, Any]]] = field(default_factory=dict)
     embeddings: torch.Tensor | None = None
     """The first decoder layer's input at prefill (the prompt embeddings)."""
+    rotary: dict[int, tuple[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    """With renumbered positions: per stage, the cache length of the current step and its rotary embeddings."""
 
 
 class ILPHooks:
@@ -184,10 +206,17 @@ class ILPHooks:
     full-length ones the model computes) and the stage's attention mask. The hooks act only while a call is
     active (`with hooks.active(plans) as call: ...`); each plan is fixed before the call or built during prefill
     by a `PlanBuilder` from the input of the layer just before its stage.
+
+    With `rotary` (`(hidden, position_ids) -> (cos, sin)`, the model's rotary embedding), each stage's tokens are
+    renumbered consecutively instead (as PyramidDrop's and SparseVLM's authors do) and decoding continues each
+    stage's numbering: a stage's layers see position ids as if the prompt had held only its tokens.
     """
 
-    def __init__(self, layers: Sequence[nn.Module], stage_layers: Sequence[int]) -> None:
+    def __init__(
+        self, layers: Sequence[nn.Module], stage_layers: Sequence[int], rotary: RotaryEmbedding | None = None
+    ) -> None:
         self.stage_layers = list(stage_layers)
+        self.rotary = rotary
         if self.stage_layers != sorted(set(self.stage_layers)) or self.stage_layers[0] < 1:
             raise ConfigError(f"pruning stages must start at increasing layers >= 1, got {self.stage_layers}")
         self._call: PrunedCall | None = None
@@ -249,7 +278,7 @@ class ILPHooks:
     def _stage_of(self, index: int) -> int:
         return max(s for s, start in enumerate(self.stage_layers) if start <= index)
 
-    def _resolve(self, call: PrunedCall, stage: int, hidden: torch.Tensor) -> None:
+    def _resolve(self, call: PrunedCall, stage: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
         """At prefill, fix stage `stage`'s plan (building it if needed) and the layout it leads to."""
         if stage == 0:
             call.layouts = [Layout.full(hidden.shape[0], hidden.shape[1], hidden.device)]
@@ -264,7 +293,8 @@ class ILPHooks:
         if hidden.shape[1] != plan.full_length:
             raise RuntimeError(f"pruning plan made for {plan.full_length} tokens, stage {stage} got {hidden.shape[1]}")
         call.resolved.append(plan)
-        call.layouts.append(previous.then(plan))
+        layout = previous.then(plan)
+        call.layouts.append(layout if self.rotary is None else layout.renumbered(_position_ids(kwargs)))
 
     def _prune_call(self, call: PrunedCall, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -273,17 +303,26 @@ class ILPHooks:
         incoming_mask = kwargs.get("attention_mask")
         if past == 0:
             if index == self.stage_layers[stage]:
-                self._resolve(call, stage, hidden)
+                self._resolve(call, stage, hidden, kwargs)
                 hidden = call.resolved[stage].reduce(hidden)
             plan, layout = call.resolved[stage], call.layouts[stage + 1]
-            cos, sin = kwargs["position_embeddings"]
-            kwargs["position_embeddings"] = (_take(cos, layout.index), _take(sin, layout.index))
-            if isinstance(kwargs.get("position_ids"), torch.Tensor):
-                kwargs["position_ids"] = _take(kwargs["position_ids"], layout.index)
+            if layout.positions is not None:
+                kwargs["position_ids"] = layout.positions
+                kwargs["position_embeddings"] = self._renumbered_rotary(call, stage, 0, hidden, layout.positions)
+            else:
+                cos, sin = kwargs["position_embeddings"]
+                kwargs["position_embeddings"] = (_take(cos, layout.index), _take(sin, layout.index))
+                if isinstance(kwargs.get("position_ids"), torch.Tensor):
+                    kwargs["position_ids"] = _take(kwargs["position_ids"], layout.index)
             if incoming_mask is not None or plan.has_pads:
                 kwargs["attention_mask"] = plan.prefill_mask(hidden.dtype)
         else:
-            plan = call.resolved[stage]
+            plan, layout = call.resolved[stage], call.layouts[stage + 1]
+            if layout.shift is not None:
+                shift = layout.shift.repeat_interleave(hidden.shape[0] // layout.shift.shape[0], 0)
+                positions = _position_ids(kwargs).expand(hidden.shape[0], -1) - shift[:, None]
+                kwargs["position_ids"] = positions
+                kwargs["position_embeddings"] = self._renumbered_rotary(call, stage, past, hidden, positions)
             if incoming_mask is not None or plan.has_pads or hidden.shape[1] > 1:
                 kwargs["attention_mask"] = plan.decode_mask(past, hidden.shape[1], hidden.dtype)
         if args:
@@ -291,6 +330,27 @@ class ILPHooks:
         else:
             kwargs["hidden_states"] = hidden
         return args, kwargs
+
+
+    def _renumbered_rotary(
+        self, call: PrunedCall, stage: int, past: int, hidden: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary embeddings of a stage's renumbered `positions`, computed once per stage and step."""
+        cached = call.rotary.get(stage)
+        if cached is None or cached[0] != past:
+            cached = call.rotary[stage] = (past, self.rotary(hidden, positions))
+        return cached[1]
+
+
+def _position_ids(kwargs: dict[str, Any]) -> torch.Tensor:
+    """The 1-D position ids the model passed to a decoder layer (renumbering needs them)."""
+    position_ids = kwargs.get("position_ids")
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2:
+        raise ConfigError(
+            "renumbered positions need the 1-D position ids `(batch, length)` the model passes to its decoder "
+            f"layers; this model passed {type(position_ids).__name__}: use positions='original'"
+        )
+    return position_ids
 
 
 def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,11 @@ remaining visual tokens are ranked by the attention the last prompt token pays t
 over heads, and a share `ratio` of them stays (the paper's lambda = 0.5). In budget mode the ratio is chosen so
 that exactly `budget` tokens remain after the last stage. The attention row is computed from that layer's queries
 and keys, so the model keeps SDPA.
+
+The authors' code (`pdrop_rank_drop` in `llava/model/modeling_llama_pdrop.py`, Cooperx521/PyramidDrop) differs in
+two ways, both offered here: it ranks with the stage's *first* layer (`rank_layer="stage"`: that layer's queries
+and keys applied to its own input) and renumbers the positions after each drop (`positions="compact"`).
+`PyramidDrop.authors(...)` sets both.
 """
 
 from __future__ import annotations
@@ -12,24 +17,50 @@ from __future__ import annotations
 import copy
 
 from crop.errors import ConfigError
-from crop.strategies.base import LastTokenRanking, check_budget
+from crop.strategies.base import Decision, LastTokenRanking, check_budget, top_tokens
+from crop.strategies.context import StageRow
+
+RANK_LAYERS = ("before", "stage")
+POSITIONS = ("original", "compact")
 
 
 class PyramidDrop(LastTokenRanking):
-    """Staged dropping at `layers` keeping `ratio` of the remaining visual tokens each time (or a final `budget`)."""
+    """Staged dropping at `layers` keeping `ratio` of the remaining visual tokens each time (or a final `budget`).
+
+    `rank_layer`: rank with the layer before each stage (`before`, crop's default) or the stage's first layer
+    (`stage`, the authors'); `positions`: kept tokens keep their positions (`original`) or are renumbered
+    (`compact`, the authors')."""
 
     name = "pyramiddrop"
 
     def __init__(
-        self, layers: tuple[int, ...] | None = None, ratio: float | None = 0.5, budget: int | None = None
+        self,
+        layers: tuple[int, ...] | None = None,
+        ratio: float | None = 0.5,
+        budget: int | None = None,
+        rank_layer: str = "before",
+        positions: str = "original",
     ) -> None:
         if budget is not None:
             ratio = None
         if ratio is not None and not 0 < ratio <= 1:
             raise ConfigError(f"PyramidDrop ratio must be in (0, 1], got {ratio!r}")
+        if rank_layer not in RANK_LAYERS:
+            raise ConfigError(f"PyramidDrop rank_layer must be one of {RANK_LAYERS}, got {rank_layer!r}")
+        if positions not in POSITIONS:
+            raise ConfigError(f"PyramidDrop positions must be one of {POSITIONS}, got {positions!r}")
         self.layers = tuple(layers) if layers is not None else None
         self.ratio = ratio
         self.budget = budget
+        self.rank_layer = rank_layer
+        self.positions = positions
+
+    @classmethod
+    def authors(
+        cls, layers: tuple[int, ...] | None = None, ratio: float | None = 0.5, budget: int | None = None
+    ) -> PyramidDrop:
+        """The authors' ranking layer and positions (see the module docstring), crop's counts."""
+        return cls(layers, ratio, budget, rank_layer="stage", positions="compact")
 
     @property
     def stage_layers(self) -> tuple[int, ...]:
@@ -62,6 +93,13 @@ class PyramidDrop(LastTokenRanking):
             return self.budget if stage == stages - 1 else max(self.budget, round(grid_tokens * share))
         return max(1, round(grid_tokens * self.ratio ** (stage + 1)))
 
+    def decide(self, stage: StageRow) -> Decision:
+        scores = stage.attention("last", layer=self.rank_layer).float().mean(0)
+        return Decision(top_tokens(scores, self.kept_after(stage.stage, stage.grid_tokens)))
+
     def describe(self) -> str:
         amount = f"budget {self.budget}" if self.budget is not None else f"ratio {self.ratio}"
-        return f"PyramidDrop(layers {list(self.layers or [])}, {amount})"
+        variant = ""
+        if (self.rank_layer, self.positions) != (RANK_LAYERS[0], POSITIONS[0]):
+            variant = f", ranked at the {self.rank_layer} layer, {self.positions} positions"
+        return f"PyramidDrop(layers {list(self.layers or [])}, {amount}{variant})"

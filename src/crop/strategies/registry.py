@@ -102,6 +102,9 @@ for _info in (
                "inside the LLM at K", True, lambda s: FastV(budget=s.budget, layer=s.layer)),
     MethodInfo("pyramiddrop", "staged: at several layers keep the top share by last-token attention",
                "inside the LLM at several layers", True, lambda s: PyramidDrop(budget=s.budget)),
+    MethodInfo("pyramiddrop-authors", "PyramidDrop as its authors' code ranks: with each stage's first layer, "
+               "positions renumbered after each drop (LLaVA families)", "inside the LLM at several layers", True,
+               lambda s: PyramidDrop.authors(budget=s.budget)),
     MethodInfo("sparsevlm", "staged: text raters' attention ranks tokens, dropped ones recycled into merged tokens",
                "inside the LLM at several layers", True, lambda s: SparseVLM(s.budget)),
     MethodInfo("visionzip", "dominant tokens by the vision CLS attention plus merged contextual tokens",
