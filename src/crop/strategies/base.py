@@ -99,9 +99,12 @@ class InLLMMethod(Method):
 
     `stage_layers` must be resolved (by `bind`) before the method runs. `positions`: `original` (kept tokens keep
     their position ids) or `compact` (each stage's tokens are renumbered consecutively, 1-D positions only).
+    `merged`: where a merged token sits, at its centre's place (`centre`) or right after the kept visual tokens
+    (`after`).
     """
 
     positions: str = "original"
+    merged: str = "centre"
 
     def parts(self) -> tuple[PreLLMMethod | None, InLLMMethod | None]:
         return None, self

@@ -72,7 +72,7 @@ def stage_builders(
             real = attention_mask.bool().repeat_interleave(repeat, 0).gather(1, current.index)
             keep = current.valid & real
             tokens = cell_of.repeat_interleave(repeat, 0).gather(1, current.index).masked_fill(~keep, -1)
-            merges = []
+            merges, centres = [], []
             for row in range(call.batch):
                 first = row * repeat
                 positions = (tokens[first] >= 0).nonzero().squeeze(1)
@@ -81,15 +81,30 @@ def stage_builders(
                     found[row] = decision.region
                 chosen = decision.keep.to(positions.device)
                 keep[first : first + repeat, positions[~chosen]] = False
-                for group in decision.merges:
-                    centre, members = int(positions[group[0]]), positions[group.to(positions.device)]
+                centres.append([int(positions[group[0]]) for group in decision.merges])
+                for group, centre in zip(decision.merges, centres[-1], strict=True):
+                    members = positions[group.to(positions.device)]
                     keep[first : first + repeat, centre] = True
                     merges += [(first + r, centre, members) for r in range(repeat)]
+            if method.merged == "after":
+                order = [_merged_after(keep[row], centres[row // repeat], tokens[row]) for row in range(keep.shape[0])]
+                return KeepPlan.from_keep(keep, merges, order)
             return KeepPlan.from_keep(keep, merges)
 
         return build
 
     return [builder(stage, layer) for stage, layer in enumerate(method.stage_layers)]
+
+
+def _merged_after(keep: torch.Tensor, centres: list[int], tokens: torch.Tensor) -> torch.Tensor:
+    """One row's kept positions with its merged tokens (at `centres`, in that order) moved to right after the row's
+    last visual token, as SparseVLM's authors place them; `tokens` is -1 at positions that are not visual."""
+    kept = keep.nonzero().squeeze(1)
+    merged = torch.tensor(centres, dtype=torch.long, device=kept.device)
+    rest = kept[~torch.isin(kept, merged)]
+    visual = (tokens >= 0).nonzero().squeeze(1)
+    end = int(visual.max()) if visual.numel() else -1
+    return torch.cat([rest[rest <= end], merged, rest[rest > end]])
 
 
 def call_stats(

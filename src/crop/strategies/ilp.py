@@ -56,19 +56,28 @@ class KeepPlan:
     _masks: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_keep(cls, keep: torch.Tensor, merges: Sequence[tuple[int, int, torch.Tensor]] = ()) -> KeepPlan:
+    def from_keep(
+        cls,
+        keep: torch.Tensor,
+        merges: Sequence[tuple[int, int, torch.Tensor]] = (),
+        order: Sequence[torch.Tensor] | None = None,
+    ) -> KeepPlan:
         """From a boolean `(batch, length)` tensor marking the prompt positions each row keeps (and `merges`,
-        whose positions must be kept)."""
+        whose positions must be kept), in prompt order or, with `order`, in each row's given order of them."""
         for row, position, _ in merges:
             if not keep[row, position]:
                 raise ValueError(f"merged token at position {position} of row {row} is not kept")
-        counts = keep.sum(dim=1)
-        width = int(counts.max())
+        rows = [keep[row].nonzero().squeeze(1) for row in range(keep.shape[0])]
+        if order is not None:
+            for row, (kept, ordered) in enumerate(zip(rows, order, strict=True)):
+                if not torch.equal(kept, ordered.to(kept.device).sort().values):
+                    raise ValueError(f"row {row}: the given order is not an order of the kept positions")
+            rows = [ordered.to(keep.device) for ordered in order]
+        width = max(kept.numel() for kept in rows)
         batch, length = keep.shape
         gather_index = torch.zeros(batch, width, dtype=torch.long, device=keep.device)
         valid = torch.zeros(batch, width, dtype=torch.bool, device=keep.device)
-        for row in range(batch):
-            kept = keep[row].nonzero().squeeze(1)
+        for row, kept in enumerate(rows):
             gather_index[row, width - kept.numel() :] = kept
             valid[row, width - kept.numel() :] = True
         return cls(gather_index, valid, length, tuple(merges))

@@ -107,6 +107,10 @@ for _info in (
                lambda s: PyramidDrop.authors(budget=s.budget)),
     MethodInfo("sparsevlm", "staged: text raters' attention ranks tokens, dropped ones recycled into merged tokens",
                "inside the LLM at several layers", True, lambda s: SparseVLM(s.budget)),
+    MethodInfo("sparsevlm-authors", "SparseVLM as its authors' code runs: their count tables (the budget a layer "
+               "average), positions renumbered, merged tokens after the kept ones (LLaVA families; budgets 192, "
+               "128, 96, 64 of 576, scaled)", "inside the LLM at several layers", True,
+               lambda s: SparseVLM.authors(s.budget)),
     MethodInfo("visionzip", "dominant tokens by the vision CLS attention plus merged contextual tokens",
                "before the LLM", True, lambda s: VisionZip(s.budget)),
     MethodInfo("divprune", "the N most diverse projected tokens (greedy max-min cosine distance)", "before the LLM",

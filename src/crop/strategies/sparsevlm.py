@@ -10,11 +10,18 @@ with k-nearest-neighbour density, one cluster per 10 recycled tokens, plus one) 
 replaces its centre token, which stays at the centre's position.
 Budget: after the last stage exactly `budget` visual tokens remain (kept plus merged); before it the count falls
 geometrically from the full grid. The attention rows come from the layer's queries and keys, so SDPA stays.
+
+The authors' code (v1.5, the ICML paper's: `attn_postprocess_topk` in `score.py` and `LlamaDynamicvitModel.forward`
+in `llava/model/language_model/modelling_sparse_llama.py`, Gumpest/SparseVLMs) differs in three ways, all offered:
+per-stage counts from fixed tables whose budget is a layer average (`counts="authors"`), positions renumbered after
+each drop (`positions="compact"`) and merged tokens placed right after the kept visual tokens (`merged="after"`).
+`SparseVLM.authors(budget)` sets all three.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -24,6 +31,13 @@ from crop.strategies.context import StageRow
 
 PAPER_LAYERS = (2, 6, 15)
 PAPER_DEPTH = 32
+PAPER_GRID = 576
+AUTHORS_COUNTS = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
+"""Top-ranked tokens each stage keeps on LLaVA-1.5 (576 tokens), by the budget the authors name (a layer average):
+`sparse_token_dict` in `score.py` (branch v1.5; 96 from `main`, whose `USE_VERSION=1_0` path is v1.5's)."""
+COUNTS = ("budget", "authors")
+POSITIONS = ("original", "compact")
+MERGED = ("centre", "after")
 
 
 class SparseVLM(InLLMMethod):
@@ -37,7 +51,14 @@ class SparseVLM(InLLMMethod):
         layers: tuple[int, ...] | None = None,
         recycle_share: float = 0.3,
         cluster_size: int = 10,
+        counts: str = "budget",
+        positions: str = "original",
+        merged: str = "centre",
     ) -> None:
+        for option, value, accepted in (("counts", counts, COUNTS), ("positions", positions, POSITIONS),
+                                        ("merged", merged, MERGED)):  # fmt: skip
+            if value not in accepted:
+                raise ConfigError(f"SparseVLM {option} must be one of {accepted}, got {value!r}")
         if not 0 <= recycle_share <= 1:
             raise ConfigError(f"SparseVLM recycle_share must be in [0, 1], got {recycle_share!r}")
         if not isinstance(cluster_size, int) or cluster_size < 1:
@@ -46,6 +67,14 @@ class SparseVLM(InLLMMethod):
         self.layers = tuple(layers) if layers is not None else None
         self.recycle_share = recycle_share
         self.cluster_size = cluster_size
+        self.counts = counts
+        self.positions = positions
+        self.merged = merged
+
+    @classmethod
+    def authors(cls, budget: int, layers: tuple[int, ...] | None = None) -> SparseVLM:
+        """The authors' counts, positions and merged-token placement (see the module docstring)."""
+        return cls(budget, layers, counts="authors", positions="compact", merged="after")
 
     @property
     def stage_layers(self) -> tuple[int, ...]:
@@ -66,7 +95,25 @@ class SparseVLM(InLLMMethod):
             list(self.layers) != sorted(set(self.layers)) or not all(1 <= x < num_layers for x in self.layers)
         ):
             raise ConfigError(f"SparseVLM layers {self.layers} must be increasing layer indices in 1..{num_layers - 1}")
-        check_budget(self.name, self.budget, grid_tokens)
+        if self.counts == "authors":
+            if self.layers is not None and len(self.layers) != len(PAPER_LAYERS):
+                raise ConfigError(f"SparseVLM's authors' counts are for {len(PAPER_LAYERS)} stages, not {self.layers}")
+            if grid_tokens is not None:
+                self.authors_counts(grid_tokens)
+        else:
+            check_budget(self.name, self.budget, grid_tokens)
+
+    def authors_counts(self, grid_tokens: int) -> tuple[int, ...]:
+        """The authors' per-stage counts for this budget, their table for 576 tokens scaled to `grid_tokens`: the
+        budget must be one they tabulate, scaled the same way (64 of 576 is 16 of 144)."""
+        tables = {_scaled(budget, grid_tokens): counts for budget, counts in AUTHORS_COUNTS.items()}
+        if self.budget not in tables:
+            raise ConfigError(
+                f"SparseVLM with the authors' counts takes a budget they tabulate, {sorted(AUTHORS_COUNTS)} of "
+                f"{PAPER_GRID} tokens, scaled to this image's {grid_tokens}: one of {sorted(tables)}, not "
+                f"{self.budget!r}"
+            )
+        return tuple(max(1, _scaled(count, grid_tokens)) for count in tables[self.budget])
 
     def kept_after(self, stage: int, grid_tokens: int) -> int:
         """Visual tokens (kept plus merged) after stage `stage`: geometric from the grid down to the budget."""
@@ -102,8 +149,12 @@ class SparseVLM(InLLMMethod):
         dropped into merged tokens (clustered by their hidden states entering the stage)."""
         attention = stage.attention(self.raters)
         scores = attention.float().mean(0)
-        target = min(scores.numel(), self.kept_after(stage.stage, stage.grid_tokens))
-        keep = top_tokens(scores, self.selected(scores.numel(), target))
+        if self.counts == "authors":  # `min(sparse_token_list[stage], v_token_num - 1)`, merged tokens added after
+            selected = min(self.authors_counts(stage.grid_tokens)[stage.stage], scores.numel() - 1)
+        else:
+            target = min(scores.numel(), self.kept_after(stage.stage, stage.grid_tokens))
+            selected = self.selected(scores.numel(), target)
+        keep = top_tokens(scores, selected)
         return Decision(keep, self.recycle(attention, keep, stage.hidden))
 
     def recycle(self, attention: torch.Tensor, keep: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
@@ -117,7 +168,19 @@ class SparseVLM(InLLMMethod):
         return [best[group] for group in density_peak_clusters(hidden[best.to(hidden.device)].float(), clusters)]
 
     def describe(self) -> str:
-        return f"SparseVLM(layers {list(self.layers or [])}, budget {self.budget})"
+        variant = ""
+        if self.counts == "authors":
+            variant += ", the authors' count tables (the budget a layer average)"
+        if self.positions != POSITIONS[0]:
+            variant += f", {self.positions} positions"
+        if self.merged != MERGED[0]:
+            variant += f", merged tokens {self.merged} the kept ones"
+        return f"SparseVLM(layers {list(self.layers or [])}, budget {self.budget}{variant})"
+
+
+def _scaled(count: int, grid_tokens: int) -> int:
+    """A count of the authors' 576-token grid scaled to `grid_tokens`, halves rounded up."""
+    return math.floor(count * grid_tokens / PAPER_GRID + 0.5)
 
 
 def density_peak_clusters(points: torch.Tensor, clusters: int) -> list[torch.Tensor]:
