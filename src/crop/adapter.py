@@ -327,16 +327,19 @@ def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 @dataclass
 class VisionInternals:
     """At the vision layer whose output feeds the projector, per crop: its output states `(crops, 1 + N, dim)` (CLS
-    first), the CLS query's attention to the N patches summed over heads `(crops, N)`, and keys averaged over
-    heads `(crops, 1 + N, head_dim)`."""
+    first), the CLS query's attention to the N patches summed over its `heads` heads `(crops, N)`, and keys
+    averaged over heads `(crops, 1 + N, head_dim)`."""
 
     hidden: torch.Tensor
     cls_attention: torch.Tensor
     keys: torch.Tensor
+    heads: int = 1
 
     def crops(self, start: int, end: int) -> VisionInternals:
         """Crops `start..end-1` only."""
-        return VisionInternals(self.hidden[start:end], self.cls_attention[start:end], self.keys[start:end])
+        return VisionInternals(
+            self.hidden[start:end], self.cls_attention[start:end], self.keys[start:end], self.heads
+        )
 
 
 @dataclass

@@ -103,4 +103,5 @@ def clip_internals(model: nn.Module, pixel_values: torch.Tensor) -> VisionIntern
         hidden=output.hidden_states[feature_layer],
         cls_attention=probabilities[:, :, 0, 1:].sum(1),
         keys=keys.mean(1),
+        heads=attention.num_heads,
     )

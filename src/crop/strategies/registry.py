@@ -16,6 +16,7 @@ from crop.strategies.dart import DART
 from crop.strategies.divprune import DivPrune
 from crop.strategies.fastv import FastV
 from crop.strategies.full import Full
+from crop.strategies.holov import HoloV
 from crop.strategies.ilp import ILP
 from crop.strategies.learned_plc import LearnedPLC
 from crop.strategies.plc import PLC
@@ -119,6 +120,8 @@ for _info in (
                "weights)", "inside the LLM at K", True, lambda s: DART(s.budget, layer=s.layer)),
     MethodInfo("cdpruner", "the N tokens a conditional DPP picks: diverse and relevant to the question (CLIP text "
                "tower; --clip)", "before the LLM", True, lambda s: CDPruner(s.budget, clip=s.clip), tables="none"),
+    MethodInfo("holov", "the budget shared over bands of the image by CLS attention and similarity variance, "
+               "the most-attended tokens of each band (LLaVA-1.5)", "before the LLM", True, lambda s: HoloV(s.budget)),
     MethodInfo("random", "N tokens drawn at random (seeded)", "before the LLM", True,
                lambda s: RandomSelection(s.budget, seed=s.seed)),
     MethodInfo("pool", "the grid average-pooled down to N tokens (image downsampling)", "before the LLM", True,
