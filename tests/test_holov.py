@@ -109,9 +109,9 @@ def hand_logits(model, ids, tokens):
         return model(inputs_embeds=embeds, attention_mask=mask).logits[0, -1]
 
 
-@pytest.mark.parametrize("budget", [9, 16, 48])
-def test_llava_matches_the_authors_selection_and_a_hand_built_prompt(model, processor, budget):
-    inputs = batch_inputs(processor, 3)
+@pytest.mark.parametrize(("budget", "batch"), [(9, 1), (9, 3), (16, 3), (48, 1), (48, 3)])
+def test_llava_matches_the_authors_selection_and_a_hand_built_prompt(model, processor, budget, batch):
+    inputs = batch_inputs(processor, batch)
     pruned = crop.apply(model, processor, method=HoloV(budget))
     try:
         output, stats = pruned(**inputs)
@@ -127,7 +127,7 @@ def test_llava_matches_the_authors_selection_and_a_hand_built_prompt(model, proc
     finally:
         pruned.remove()
     assert torch.equal(sequences, ids)
-    for row in range(3):
+    for row in range(batch):
         features, attention = authors_inputs(model, inputs["pixel_values"][row : row + 1])
         tokens, kept = authors_holov(features, attention, crop_count(144, budget), budget)
         real = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]

@@ -22,12 +22,14 @@ RATIO_LIST = [1.0, 0.5, 0.25, 0.125]  # the authors' `image_token_ratio_list` wi
 IMAGE_TOKENS = 144
 
 
-def authors_rank_drop(model, cur_num, rank_layer, features, position_ids, image_index, prompt_len, mutate=False):
+def authors_rank_drop(model, cur_num, rank_layer, features, position_ids, image_index, prompt_len, counts,
+                      mutate=False):  # fmt: skip
     """The authors' `pdrop_rank_drop` for one unpadded row at inference. Changes: batch of one, so their
     per-row lists and the re-padding collapse; rotary through transformers 5's `rotary_emb`; their 4-D eager mask
-    is `causal_mask`. `mutate` (tests only) ranks with the layer before instead, crop's default."""
-    image_tokens = int(IMAGE_TOKENS * RATIO_LIST[cur_num])
-    keep_length = int(IMAGE_TOKENS * RATIO_LIST[cur_num + 1])
+    is `causal_mask`; the visual counts per stage come from `counts` (`int(576 * ratio)` in theirs, so crop's
+    budget schedules can be checked too). `mutate` (tests only) ranks with the layer before, crop's default."""
+    image_tokens = counts[cur_num]
+    keep_length = counts[cur_num + 1]
     layer = model.model.language_model.layers[rank_layer - 1 if mutate else rank_layer]
     self_attn = layer.self_attn
     hidden_states = layer.input_layernorm(features.clone().detach())
@@ -67,11 +69,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def authors_forward(model, input_ids, pixel_values, prompt_length, mutate=False):
+def authors_forward(model, input_ids, pixel_values, prompt_length, counts=None, mutate=False):
     """The authors' `pdrop_forward` loop (prefill, no cache) on one unpadded row: after layer `i`, if `i + 1` is in
     `layer_list`, rank and drop. `prompt_length` is the prompt's length (their `prompt_len` counts it without the
     image placeholder): tokens after it are generated ones, as when the authors' code recomputes. Returns the
-    logits and the kept grid cells after the last stage."""
+    logits and the kept grid cells after the last stage. `counts`: visual tokens before each stage and after the
+    last (their ratio list's by default)."""
+    counts = counts or [int(IMAGE_TOKENS * ratio) for ratio in RATIO_LIST]
     text_model = model.model.language_model
     image_token = model.config.image_token_id
     hidden_states = merged_embeddings(model, input_ids, pixel_values)
@@ -89,16 +93,19 @@ def authors_forward(model, input_ids, pixel_values, prompt_length, mutate=False)
         if rank_layer in LAYER_LIST:
             stage = LAYER_LIST.index(rank_layer)
             position_ids, hidden_states, kept = authors_rank_drop(
-                model, stage, rank_layer, hidden_states, position_ids, image_index, prompt_len, mutate
+                model, stage, rank_layer, hidden_states, position_ids, image_index, prompt_len, counts, mutate
             )
             cells = cells[kept]
     return model.lm_head(text_model.norm(hidden_states))[0], set(cells.tolist())
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_authors_variant_matches_a_port_of_the_authors_code(model, processor, batch):
+@pytest.mark.parametrize(("budget", "batch"), [(None, 1), (None, 3), (16, 3), (40, 1), (40, 3)])
+def test_authors_variant_matches_a_port_of_the_authors_code(model, processor, budget, batch):
+    """Their ratio list (72, 36, 18 of 144) and crop's budget schedules at 16 and 40."""
     inputs = batch_inputs(processor, batch)
-    pruned = crop.apply(model, processor, method=PyramidDrop.authors(layers=tuple(LAYER_LIST), ratio=0.5))
+    method = PyramidDrop.authors(layers=tuple(LAYER_LIST), ratio=0.5, budget=budget)
+    counts = [IMAGE_TOKENS] + [method.kept_after(stage, IMAGE_TOKENS) for stage in range(3)]
+    pruned = crop.apply(model, processor, method=method)
     try:
         output, stats = pruned(**inputs)
         sequences, _ = pruned.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
@@ -107,14 +114,14 @@ def test_authors_variant_matches_a_port_of_the_authors_code(model, processor, ba
     assert "ranked at the stage layer, compact positions" in stats.method
     for row in range(batch):
         input_ids, pixel_values = unpadded_row(inputs, row)
-        expected, kept_cells = authors_forward(model, input_ids, pixel_values, input_ids.shape[1])
+        expected, kept_cells = authors_forward(model, input_ids, pixel_values, input_ids.shape[1], counts)
         got = output.logits[row, output.logits.shape[1] - expected.shape[0] :]
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-        assert stats.rows[row].per_layer == [144, 72, 36, 18]
+        assert stats.rows[row].per_layer == counts
         assert set((stats.rows[row].cells.view(-1) == 2).nonzero().squeeze(1).tolist()) == kept_cells
         ids = input_ids
         for _ in range(3):  # the authors' recomputation: the last prompt token still ranks, positions renumbered
-            logits, _ = authors_forward(model, ids, pixel_values, input_ids.shape[1])
+            logits, _ = authors_forward(model, ids, pixel_values, input_ids.shape[1], counts)
             ids = torch.cat([ids, logits[-1].argmax().view(1, 1)], dim=1)
         assert torch.equal(sequences[row][-3:], ids[0, -3:])
 
