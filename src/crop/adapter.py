@@ -166,12 +166,14 @@ class ModelAdapter(ABC):
         decoder `layer`, given the layer's inputs, computed from its queries and keys for those rows only (the
         model keeps its attention backend).
 
-        This default fits Llama-style layers (`input_layernorm`, `self_attn.q_proj/k_proj`, rotary `(cos, sin)`
-        of shape `(batch, length, head_dim)` in `position_embeddings`), as LLaVA and Qwen2-VL have."""
+        This default fits Llama-style layers (`input_layernorm`, `self_attn.q_proj/k_proj`, per-head
+        `q_norm/k_norm` where the layer has them (Qwen3), rotary `(cos, sin)` of shape `(batch, length,
+        head_dim)` in `position_embeddings`), as LLaVA and the Qwen-VL families have."""
         attention = layer.self_attn
         batch, length, _ = hidden.shape
         normed = layer.input_layernorm(hidden)
-        query = attention.q_proj(normed[:, -count:]).view(batch, count, -1, attention.head_dim).transpose(1, 2)
+        query = attention.q_proj(normed[:, -count:]).view(batch, count, -1, attention.head_dim)
+        query = (attention.q_norm(query) if hasattr(attention, "q_norm") else query).transpose(1, 2)
         cos, sin = kwargs["position_embeddings"]
         query = _rotate(query, cos[:, -count:], sin[:, -count:])
         key = self.layer_keys(layer, hidden, kwargs).repeat_interleave(attention.num_key_value_groups, dim=1)
@@ -194,8 +196,14 @@ class ModelAdapter(ABC):
         attention = layer.self_attn
         batch, length, _ = hidden.shape
         key = attention.k_proj(layer.input_layernorm(hidden)).view(batch, length, -1, attention.head_dim)
+        key = attention.k_norm(key) if hasattr(attention, "k_norm") else key
         cos, sin = kwargs["position_embeddings"]
         return _rotate(key.transpose(1, 2), cos, sin)
+
+    def pruning_hooks(self, hooks: Any) -> list[Any]:
+        """Extra hooks a family installs beside the in-LLM pruning hooks `hooks` (an `ILPHooks`), for model inputs
+        that address token positions inside the LLM (Qwen3-VL's DeepStack); removed with them. None by default."""
+        return []
 
     def renumbering_rotary(self) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """The language model's rotary embedding `(hidden, position_ids) -> (cos, sin)`, for in-LLM methods that

@@ -62,15 +62,20 @@ class CropModel:
         self.method.validate(len(layers), None if layout is None else layout.rows * layout.cols)
         self.before, self.inside = self.method.parts()
         self._hooks = None
+        self._family_hooks: list[Any] = []
         if self.inside is not None:
             rotary = self.adapter.renumbering_rotary() if self.inside.positions == "compact" else None
             self._hooks = ILPHooks(layers, self.inside.stage_layers, rotary)
+            self._family_hooks = self.adapter.pruning_hooks(self._hooks)
 
     def remove(self) -> None:
         """Take the hooks off the model; it behaves exactly as before `apply`."""
         if self._hooks is not None:
             self._hooks.remove()
             self._hooks = None
+        for handle in self._family_hooks:
+            handle.remove()
+        self._family_hooks = []
 
     def viewport(self, image: Image.Image) -> Viewport:
         """Where `image` lands on the token grid after this model's processor (pass one per row with regions

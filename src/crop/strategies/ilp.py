@@ -161,6 +161,8 @@ class Layout:
     valid: torch.Tensor
     positions: torch.Tensor | None = None
     shift: torch.Tensor | None = None
+    merged: tuple[tuple[int, int, torch.Tensor], ...] = ()
+    """`(row, slot, prompt positions)` of each merged token the layout holds: the tokens it stands for."""
 
     @classmethod
     def full(cls, batch: int, length: int, device: torch.device) -> Layout:
@@ -169,7 +171,16 @@ class Layout:
 
     def then(self, plan: KeepPlan) -> Layout:
         """The layout after keeping `plan`'s positions (given relative to this layout)."""
-        return Layout(self.index.gather(1, plan.gather_index), plan.valid)
+        members = {(row, slot): positions for row, slot, positions in self.merged}
+        merged = []
+        for row, position, slots in plan.merges:
+            prompt = [members.get((row, int(slot)), self.index[row, slot].view(1)) for slot in slots.tolist()]
+            members[(row, position)] = torch.cat(prompt)
+        for (row, slot), positions in members.items():
+            new_slot = (plan.gather_index[row] == slot).nonzero()
+            if new_slot.numel():
+                merged.append((row, int(new_slot[-1]), positions))
+        return Layout(self.index.gather(1, plan.gather_index), plan.valid, merged=tuple(merged))
 
     def renumbered(self, position_ids: torch.Tensor) -> Layout:
         """This layout with its tokens numbered consecutively from each row's first token, given the full prompt's
@@ -179,7 +190,7 @@ class Layout:
         start = original.gather(1, first[:, None])
         rank = (self.valid.long().cumsum(1) - 1).clamp(min=0)
         positions = start + rank
-        return Layout(self.index, self.valid, positions, original[:, -1] - positions[:, -1])
+        return Layout(self.index, self.valid, positions, original[:, -1] - positions[:, -1], self.merged)
 
 
 RotaryEmbedding = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -243,6 +254,18 @@ class ILPHooks:
     @property
     def first_pruned(self) -> int:
         return self.stage_layers[0]
+
+    @property
+    def active_call(self) -> PrunedCall | None:
+        """The pruned call now running on the model, if any (families that add their own hooks check it)."""
+        return self._call
+
+    def layout_after(self, index: int) -> Layout | None:
+        """During a pruned prefill, the token layout of decoder layer `index`'s output (None: every prompt token,
+        unpruned)."""
+        if self._call is None or index < self.stage_layers[0]:
+            return None
+        return self._call.layouts[self._stage_of(index) + 1]
 
     def remove(self) -> None:
         for handle in self._handles:
