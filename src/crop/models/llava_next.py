@@ -64,13 +64,22 @@ class NextTokenLayout:
         return torch.nonzero(self.cells[:, 0] == grid).flatten()
 
 
-def token_layout(config: Any, processor_or_image_processor: Any, image_size: tuple[int, int]) -> NextTokenLayout:
+def token_layout(
+    config: Any,
+    processor_or_image_processor: Any,
+    image_size: tuple[int, int],
+    strategy: str = "default",
+    max_tiles: int | None = None,
+) -> NextTokenLayout:
     """The placeholder layout of an image of `(width, height)` pixels, for a LLaVA-NeXT config and its processor
-    (None: assume the processor agrees with the config, as checked by `check_processor`)."""
+    (None: assume the processor agrees with the config, as checked by `check_processor`). `strategy` is the vision
+    feature strategy the family's tower needs (`default` drops CLIP's CLS token); with `max_tiles` (LLaVA-OneVision's
+    anyres-max), an unpadded high-res grid larger than that many tiles (by more than 10%) is downsampled, as the
+    model interpolates it: its cells then cover the same part of the image, each mixing several patches."""
     width, height = image_size
-    if config.vision_feature_select_strategy != "default":
+    if config.vision_feature_select_strategy != strategy:
         raise UnsupportedModelError(
-            f"LLaVA-NeXT layout supports vision_feature_select_strategy 'default' only, got "
+            f"this layout supports vision_feature_select_strategy {strategy!r} only, got "
             f"{config.vision_feature_select_strategy!r}"
         )
     vision = config.vision_config
@@ -87,12 +96,17 @@ def token_layout(config: Any, processor_or_image_processor: Any, image_size: tup
     kept = unpad_image(stitched, (height, width))[0]
     rows, cols = kept.shape
     top, left = divmod(int(kept[0, 0]), tile_cols * side)
+    unpadded_rows, unpadded_cols = rows, cols
+    if max_tiles is not None:
+        ratio = math.sqrt(rows * cols / (max_tiles * side**2))
+        if ratio > 1.1:
+            rows, cols = int(rows // ratio), int(cols // ratio)
 
     # The processor's: the image resized to fit the pinpoint resolution, then centred on it (LLaVA-NeXT pads).
     canvas_h, canvas_w = tile_rows * tile, tile_cols * tile
     fit_h, fit_w = _fit_size(height, width, canvas_h, canvas_w)
     paste_y, paste_x = (canvas_h - fit_h) // 2, (canvas_w - fit_w) // 2
-    x0, y0, span_w, span_h = left * patch, top * patch, cols * patch, rows * patch
+    x0, y0, span_w, span_h = left * patch, top * patch, unpadded_cols * patch, unpadded_rows * patch
     high_viewport = Viewport(
         left=(paste_x - x0) / span_w,
         top=(paste_y - y0) / span_h,
@@ -124,7 +138,7 @@ def check_processor(config: Any, processor: Any) -> None:
     size, crop = image_processor.size, image_processor.crop_size
     base = (size.height, size.width) if size.height and size.width else (size.shortest_edge, size.shortest_edge)
     tile_pixels = crop.height if crop and crop.height else base[0]
-    cropped = (crop.height, crop.width) if image_processor.do_center_crop else base
+    cropped = (crop.height, crop.width) if getattr(image_processor, "do_center_crop", False) else base
     if base != (tile, tile) or tile_pixels != tile or cropped != (tile, tile):
         raise UnsupportedModelError(
             f"LLaVA-NeXT layout expects the processor to resize and crop to the tower's {tile}x{tile} input, got "
@@ -165,7 +179,7 @@ class LlavaNextAdapter(ModelAdapter):
             raise ConfigError(f"{sizes.shape[0]} images for {batch} prompts: crop supports one image per prompt")
         layouts = []
         for height, width in sizes.tolist():
-            layout = token_layout(self.model.config, None, (int(width), int(height)))
+            layout = self.token_layout((int(width), int(height)))
             layouts.append(
                 VisualLayout(
                     rows=1,
@@ -176,6 +190,10 @@ class LlavaNextAdapter(ModelAdapter):
                 )
             )
         return layouts
+
+    def token_layout(self, image_size: tuple[int, int]) -> NextTokenLayout:
+        """The placeholder layout of an image of `(width, height)` pixels."""
+        return token_layout(self.model.config, None, image_size)
 
     def viewport(self, processor: Any, image_size: tuple[int, int]) -> Viewport:
         """Unused: each of the image's grids carries its own viewport (`VisualLayout.grid_viewports`)."""
@@ -213,7 +231,7 @@ class LlavaNextAdapter(ModelAdapter):
         internals = clip_internals(self.model, pixel_values)
         crops, start = [], 0
         for (height, width), count in zip(sizes, counts, strict=True):
-            layout = token_layout(config, None, (int(width), int(height)))
+            layout = self.token_layout((int(width), int(height)))
             cell, order = _crop_cells(layout, count)
             crops.append(VisionCrops(internals.crops(start, start + count), cell, order))
             start += count
