@@ -14,6 +14,7 @@ from transformers import LogitsProcessorList
 from crop.bench import SHAPES, StepClock, kv_cache_bytes, prefill_flops
 from crop.cli import main
 from crop.errors import ConfigError
+from crop.strategies.sparsevlm import scaled_count
 
 
 def test_bench_smoke_and_kv_cache_bytes(tmp_path, capsys):
@@ -167,9 +168,13 @@ def test_every_benchmarked_call_keeps_what_crop_apply_keeps(shape_name):
     model, inputs = build_bench_model(shape), bench_inputs(shape)
     region = Region.from_grid([2, 2, 5, 5])
     checked = set()
-    for case in cases(shape, [32, 12], region):
-        refused = {"qwen2_5_vl": {"visionzip", "cdpruner"}, "llava_next": {"cdpruner"}}.get(shape.family, set())
-        if case.name in refused:  # no CLS token / CDPruner ported for one grid (the refusals are tested elsewhere)
+    budgets = [scaled_count(192, shape.grid_tokens), scaled_count(64, shape.grid_tokens)]  # the authors' SparseVLM's
+    refused = {
+        "qwen2_5_vl": {"visionzip", "cdpruner", "holov", "pyramiddrop-authors", "sparsevlm-authors"},
+        "llava_next": {"cdpruner", "holov"},
+    }.get(shape.family, set())
+    for case in cases(shape, budgets, region):
+        if case.name in refused:  # no CLS token, 3-D positions, ported for one grid (refusals are tested elsewhere)
             continue
         if case.method is None or case.localizer is not None:  # ideals and localized rows: no method of their own
             continue
@@ -186,7 +191,7 @@ def test_every_benchmarked_call_keeps_what_crop_apply_keeps(shape_name):
         assert measured["average_tokens"] == sum(per_layer) / len(per_layer), case.name
         checked.add(case.name)
     expected = {"crop-ilp", "crop-fused", "fastv", "pyramiddrop", "sparsevlm", "dart", "divprune", "random", "pool",
-                "visionzip", "cdpruner"}  # fmt: skip
+                "visionzip", "cdpruner", "holov", "pyramiddrop-authors", "sparsevlm-authors"}  # fmt: skip
     assert expected - refused <= checked
 
 

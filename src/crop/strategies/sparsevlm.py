@@ -106,14 +106,14 @@ class SparseVLM(InLLMMethod):
     def authors_counts(self, grid_tokens: int) -> tuple[int, ...]:
         """The authors' per-stage counts for this budget, their table for 576 tokens scaled to `grid_tokens`: the
         budget must be one they tabulate, scaled the same way (64 of 576 is 16 of 144)."""
-        tables = {_scaled(budget, grid_tokens): counts for budget, counts in AUTHORS_COUNTS.items()}
+        tables = {scaled_count(budget, grid_tokens): counts for budget, counts in AUTHORS_COUNTS.items()}
         if self.budget not in tables:
             raise ConfigError(
                 f"SparseVLM with the authors' counts takes a budget they tabulate, {sorted(AUTHORS_COUNTS)} of "
                 f"{PAPER_GRID} tokens, scaled to this image's {grid_tokens}: one of {sorted(tables)}, not "
                 f"{self.budget!r}"
             )
-        return tuple(max(1, _scaled(count, grid_tokens)) for count in tables[self.budget])
+        return tuple(max(1, scaled_count(count, grid_tokens)) for count in tables[self.budget])
 
     def kept_after(self, stage: int, grid_tokens: int) -> int:
         """Visual tokens (kept plus merged) after stage `stage`: geometric from the grid down to the budget."""
@@ -178,7 +178,7 @@ class SparseVLM(InLLMMethod):
         return f"SparseVLM(layers {list(self.layers or [])}, budget {self.budget}{variant})"
 
 
-def _scaled(count: int, grid_tokens: int) -> int:
+def scaled_count(count: int, grid_tokens: int) -> int:
     """A count of the authors' 576-token grid scaled to `grid_tokens`, halves rounded up."""
     return math.floor(count * grid_tokens / PAPER_GRID + 0.5)
 
