@@ -141,6 +141,11 @@ class ModelAdapter(ABC):
         processor's `inputs` (pre-LLM methods)."""
         raise UnsupportedModelError(f"{self.family}: methods acting before the LLM are not supported yet")
 
+    def features_from_vision(self, crops: Sequence[VisionCrops]) -> list[torch.Tensor] | None:
+        """Each image's projected visual tokens computed from vision internals already at hand (`vision_crops`), so
+        that a method reading both runs the tower once; None where the family cannot (the default)."""
+        return None
+
     def embed(self, input_ids: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Input embeddings with `features[b]` written over row b's image placeholders (pre-LLM methods)."""
         embeds = self.model.get_input_embeddings()(input_ids)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -54,6 +55,11 @@ class LlavaAdapter(ModelAdapter):
             return_dict=True,
         )
         return list(output.pooler_output)
+
+    def features_from_vision(self, crops: Sequence[VisionCrops]) -> list[torch.Tensor]:
+        """The feature layer's patch states (CLS dropped, as the 'default' strategy `clip_internals` requires)
+        through the projector: what `image_features` computes, without running the tower again."""
+        return [self.project(crop.internals.hidden[0, 1:]) for crop in crops]
 
     def vision_crops(self, inputs: dict[str, Any]) -> list[VisionCrops]:
         internals = clip_internals(self.model, inputs["pixel_values"])

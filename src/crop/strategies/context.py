@@ -55,7 +55,8 @@ class CallContext:
         if self._features is None:
             if self.inputs.get("pixel_values") is None:
                 raise ConfigError("methods acting before the LLM need pixel_values (pass the processor's output)")
-            self._features = self.adapter.image_features(self.inputs)
+            derived = self.adapter.features_from_vision(self._vision) if self._vision is not None else None
+            self._features = derived if derived is not None else self.adapter.image_features(self.inputs)
         return self._features[row]
 
     def vision(self, row: int) -> VisionCrops:
