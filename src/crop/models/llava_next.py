@@ -210,8 +210,13 @@ class LlavaNextAdapter(ModelAdapter):
             vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
             return_dict=True,
+            **self.feature_options(),
         )
         return list(output.pooler_output)
+
+    def feature_options(self) -> dict[str, Any]:
+        """Extra arguments of the model's `get_image_features` a family sharing this layout needs (none here)."""
+        return {}
 
     def vision_crops(self, inputs: dict[str, Any]) -> list[VisionCrops]:
         """The base image and the tiles of each image, as the tower saw them (the processor pads the batch's

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from transformers import LlavaOnevisionProcessor
 
 from crop.adapter import VisionCrops, register, register_processor
@@ -38,18 +37,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def token_layout(self, image_size: tuple[int, int]) -> NextTokenLayout:
         return token_layout(self.model.config, None, image_size, strategy="full", max_tiles=self.max_tiles)
 
-    def image_features(self, inputs: dict[str, Any]) -> list[torch.Tensor]:
-        """Each image's placeholder features as the model packs them (downsampling and newlines included)."""
-        config = self.model.config
-        output = self.model.model.get_image_features(
-            pixel_values=inputs["pixel_values"].to(self.model.dtype),
-            image_sizes=inputs["image_sizes"],
-            vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy,
-            vision_aspect_ratio=config.vision_aspect_ratio,
-            return_dict=True,
-        )
-        return list(output.pooler_output)
+    def feature_options(self) -> dict[str, Any]:
+        """The model packs the placeholders with its anyres-max downsampling."""
+        return {"vision_aspect_ratio": self.model.config.vision_aspect_ratio}
 
     def vision_crops(self, inputs: dict[str, Any]) -> list[VisionCrops]:
         raise UnsupportedModelError(
