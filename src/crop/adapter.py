@@ -88,6 +88,9 @@ class ModelAdapter(ABC):
     """One VLM family: where its visual tokens sit, their grid, its decoder layers, how to feed features."""
 
     family: str = ""
+    crop_only_inputs: tuple[str, ...] = ()
+    """Processor outputs that crop reads and the model does not take (`generate` would refuse them): left out of
+    the model's call."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -249,8 +252,10 @@ _PROCESSORS: dict[str, type] = {}
 
 
 def register_processor(processor_class: type) -> type:
-    """Class decorator: a processor class `crop.loading` finds by the name a saved checkpoint gives it."""
-    _PROCESSORS[processor_class.__name__] = processor_class
+    """Class decorator: a processor class `crop.loading` finds by the name a saved checkpoint gives it: its own, and
+    those in its `checkpoint_names` (stock processors it stands in for, when crop needs what they leave out)."""
+    for name in (processor_class.__name__, *vars(processor_class).get("checkpoint_names", ())):
+        _PROCESSORS[name] = processor_class
     return processor_class
 
 

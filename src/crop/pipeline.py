@@ -174,8 +174,10 @@ class CropModel:
         if self.before is not None:
             inputs, selections = before_llm(call, self.before)
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        left_out = set(self.adapter.crop_only_inputs)
         if "inputs_embeds" in inputs and not generating:
-            inputs = {key: value for key, value in inputs.items() if key != "input_ids"}  # ids or embeddings
+            left_out.add("input_ids")  # ids or embeddings
+        inputs = {key: value for key, value in inputs.items() if key not in left_out}
         found: dict[int, Region] = {}
         layouts = []
         if self._hooks is None:

@@ -55,8 +55,9 @@ class _PerGrid:
         self.method, self.features, self.layout = method, features, layout
         self.budget, self.before_llm, self.name = budget, before_llm, name
         self.inside = None if inside is None else inside.reshape(-1)
-        grid, self.cell_row, _ = layout.cells.unbind(-1)
-        self.positions = [(grid == g).nonzero().squeeze(1) for g in range(len(layout.grids))]
+        grid, self.cell_row, cell_col = layout.cells.unbind(-1)
+        raster = self.cell_row * max(cols for _, cols in layout.grids) + cell_col
+        self.positions = [_in_raster_order((grid == g).nonzero().squeeze(1), raster) for g in range(len(layout.grids))]
         self.separators = (grid == SEPARATOR).nonzero().squeeze(1)
 
     def select(self) -> Selection:
@@ -166,6 +167,12 @@ class _PerGrid:
             torch.cat(features)[order.to(self.features.device)], torch.cat(inside)[order], torch.cat(first)[order]
         )
         return Selection(compressed, torch.cat(keep)[order], cells.view(self.layout.rows, self.layout.cols))
+
+
+def _in_raster_order(positions: torch.Tensor, raster: torch.Tensor) -> torch.Tensor:
+    """A grid's placeholder `positions` sorted by their cells' raster index (placeholders may hold a grid in
+    another order: InternVL's tiles, each in raster order)."""
+    return positions[raster[positions].argsort(stable=True)]
 
 
 def _output_count(part: Selection | None) -> int:
