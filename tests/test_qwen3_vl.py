@@ -1,6 +1,6 @@
 """Qwen3-VL: DeepStack features stay aligned with the tokens ILP keeps, attention rows follow the per-head q/k
-norms, cached generation equals recomputation, batches equal their rows; methods acting before the LLM are
-refused with the reason."""
+norms, cached generation equals recomputation, batches equal their rows (methods acting before the LLM:
+test_qwen3_vl_pre_llm.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from conftest import qwen_batch, qwen_row
 from reference import causal_mask, full_region_logits_match, layer_zero_inputs
 
 import crop
-from crop.errors import UnsupportedModelError
 from crop.region import Region
 from crop.testing.qwen3_vl import build_qwen3_model, build_qwen3_processor
 
@@ -193,19 +192,9 @@ def test_in_llm_methods_batch_equals_rows_and_generate(model, processor, method)
     assert sequences.shape[1] == inputs["input_ids"].shape[1] + 2
 
 
-@pytest.mark.parametrize("method", ["pool", "random", "divprune"])
-def test_methods_before_the_llm_are_refused_with_the_reason(model, processor, method):
-    pruned = crop.apply(model, processor, method=method, budget=8)
-    try:
-        with pytest.raises(UnsupportedModelError, match="DeepStack adds vision features"):
-            pruned(**qwen_batch(processor, 1))
-    finally:
-        pruned.remove()
-
-
 def test_a_saved_checkpoint_runs_through_ask_and_eval(tmp_path, capsys):
-    """The real loading path (`save_pretrained`, then `crop ask` / `crop eval --model DIR`), and a method acting
-    before the LLM refused on the command line with the reason."""
+    """The real loading path (`save_pretrained`, then `crop ask` / `crop eval --model DIR`), with methods inside and
+    before the LLM."""
     import json
 
     from benchdata import write_benchmark
@@ -220,11 +209,9 @@ def test_a_saved_checkpoint_runs_through_ask_and_eval(tmp_path, capsys):
     make_image(128, 64).save(image)
     ask = ["ask", "--model", str(directory), "--image", str(image), "--question", "what ?", "--max-new-tokens", "2"]
     for options in (["--region", "0", "0", "3", "7", "--ilp-layer", "1"], ["--method", "fastv", "--budget", "4"],
-                    ["--localizer", "attention"]):  # fmt: skip
+                    ["--localizer", "attention"], ["--method", "pool", "--budget", "4"]):  # fmt: skip
         assert main([*ask, *options]) == 0
         assert "pruned answer" in capsys.readouterr().out
-    assert main([*ask, "--method", "pool", "--budget", "4"]) == 2
-    assert "DeepStack adds vision features" in capsys.readouterr().err
     expected = write_benchmark("textvqa", tmp_path / "data", "official", count=2)
     out = tmp_path / "run"
     command = ["eval", "--model", str(directory), "--bench", "textvqa", "--data", str(tmp_path / "data"),

@@ -144,6 +144,12 @@ class ModelAdapter(ABC):
         processor's `inputs` (pre-LLM methods)."""
         raise UnsupportedModelError(f"{self.family}: methods acting before the LLM are not supported yet")
 
+    def encode_images(self, inputs: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Each image's projected visual tokens (as `image_features`) and, for a family that adds per-token inputs
+        inside the LLM, each image's `(tokens, k, dim)` side features, which pre-LLM methods compress with the
+        tokens (Qwen3-VL: its DeepStack features); None by default."""
+        return self.image_features(inputs), None
+
     def features_from_vision(self, crops: Sequence[VisionCrops]) -> list[torch.Tensor] | None:
         """Each image's projected visual tokens computed from vision internals already at hand (`vision_crops`), so
         that a method reading both runs the tower once; None where the family cannot (the default)."""
@@ -157,12 +163,18 @@ class ModelAdapter(ABC):
         return embeds.masked_scatter(placeholders, flat)
 
     def spliced_inputs(
-        self, original: dict[str, Any], spliced: dict[str, Any], source: torch.Tensor, position: str
+        self,
+        original: dict[str, Any],
+        spliced: dict[str, Any],
+        source: torch.Tensor,
+        position: str,
+        side: Sequence[torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """The model inputs after a pre-LLM method replaced the grid: `spliced` holds the new ids, mask and
         embeddings; `source[b, i]` is the index, in row b's unpadded original prompt, whose position new token i
-        takes. With 1-D positions, `position="original"` passes those indices as position ids and "compact" lets
-        the model number the new prompt consecutively."""
+        takes; `side[b]` the new tokens' side features, compressed as they were (see `encode_images`). With 1-D
+        positions, `position="original"` passes those indices as position ids and "compact" lets the model number
+        the new prompt consecutively."""
         if position == "original":
             spliced["position_ids"] = source
         return spliced

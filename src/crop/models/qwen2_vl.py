@@ -16,6 +16,7 @@ tower does not have.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -80,7 +81,12 @@ class Qwen2VLAdapter(ModelAdapter):
         )
 
     def spliced_inputs(
-        self, original: dict[str, Any], spliced: dict[str, Any], source: torch.Tensor, position: str
+        self,
+        original: dict[str, Any],
+        spliced: dict[str, Any],
+        source: torch.Tensor,
+        position: str,
+        side: Sequence[torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """3-D positions gathered from the unpruned prompt's (whatever `position` says: they carry the image
         geometry); the image's grid sizes and token types describe the new prompt, so the model does not

@@ -7,30 +7,27 @@ first LLM layers, at the visual positions (`visual_pos_masks`, `deepstack_visual
 runs, crop takes those two inputs away from the text model and adds the features itself after each of those
 layers, to the visual tokens that layer's output still holds (a merged token gets its members' mean), so ILP at
 a layer K inside the DeepStack range keeps the injected features aligned with the tokens that remain.
-Methods acting before the LLM are refused for now: their compressed tokens would need DeepStack features of
-their own.
+Methods acting before the LLM compress the DeepStack features with the tokens (`ModelAdapter.encode_images`): a
+kept cell keeps its own, a pooled token gets its window's mean, as its embedding does; the spliced prompt then
+goes in as `input_ids` with `mm_encoder_outputs` (the compressed tokens and their DeepStack features), so the model
+places both at the new placeholders itself. Methods whose tokens are no fixed mix of the cells are refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers import Qwen3VLProcessor
+from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
 from crop.adapter import register, register_processor
-from crop.errors import UnsupportedModelError
+from crop.errors import ConfigError
 from crop.models.qwen2_vl import Qwen2VLAdapter
 from crop.strategies.ilp import ILPHooks
-
-PRE_LLM_REFUSAL = (
-    "qwen3-vl: methods acting before the LLM are not supported yet: DeepStack adds vision features at every "
-    "visual position of the first LLM layers, and crop does not yet compress those features with the tokens; use "
-    "an in-LLM method (crop with ILP at K >= 1, fastv, pyramiddrop, sparsevlm, dart, crop-fused)"
-)
 
 
 @register("Qwen3VLForConditionalGeneration")
@@ -40,10 +37,36 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3-vl"
 
     def image_features(self, inputs: dict[str, Any]) -> list[torch.Tensor]:
-        raise UnsupportedModelError(PRE_LLM_REFUSAL)
+        return self.encode_images(inputs)[0]
 
-    def spliced_inputs(self, original: dict, spliced: dict, source: torch.Tensor, position: str) -> dict:
-        raise UnsupportedModelError(PRE_LLM_REFUSAL)
+    def encode_images(self, inputs: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each image's tokens and its DeepStack features `(tokens, DeepStack layers, dim)`, from one tower pass."""
+        grids = inputs.get("image_grid_thw")
+        if grids is None:
+            raise ConfigError("Qwen3-VL inputs need image_grid_thw (pass the processor's whole output)")
+        vision = self.model.model.visual
+        output = self.model.model.get_image_features(inputs["pixel_values"].to(vision.dtype), grids, return_dict=True)
+        side = [torch.stack(layers, dim=1) for layers in zip(*output.deepstack_features, strict=True)]
+        return list(output.pooler_output), side
+
+    def spliced_inputs(
+        self,
+        original: dict[str, Any],
+        spliced: dict[str, Any],
+        source: torch.Tensor,
+        position: str,
+        side: Sequence[torch.Tensor] | None = None,
+    ) -> dict[str, Any]:
+        """Qwen2-VL's positions for the new prompt, which goes in as ids with the new tokens and their DeepStack
+        features as `mm_encoder_outputs`."""
+        spliced = super().spliced_inputs(original, spliced, source, position)
+        ids, embeds = spliced["input_ids"], spliced.pop("inputs_embeds")
+        placeholders = (ids == self.image_token_id) & spliced["attention_mask"].bool()
+        tokens = [embeds[row][placeholders[row]] for row in range(ids.shape[0])]
+        deepstack = [[features[:, layer] for features in side] for layer in range(side[0].shape[1])]
+        image = BaseModelOutputWithDeepstackFeatures(pooler_output=tokens, deepstack_features=deepstack)
+        spliced["mm_encoder_outputs"] = {"image": image}
+        return spliced
 
     def pruning_hooks(self, hooks: ILPHooks) -> list[RemovableHandle]:
         """A pre-hook on the text model that takes DeepStack's inputs during pruned calls, and post-hooks on the

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from crop.errors import ConfigError
 from crop.region import Region
 from crop.stats import DROPPED, FINE
-from crop.strategies.plc import Compressed
+from crop.strategies.plc import Compressed, selection_mix
 
 if TYPE_CHECKING:
     from crop.strategies.context import ImageContext, StageRow
@@ -142,7 +143,9 @@ def keep_cells(
     state = torch.full((shape[0] * shape[1],), DROPPED, dtype=torch.long)
     state[cells] = FINE
     if drop_before_llm:
-        compressed = Compressed(features[cells.to(features.device)], torch.ones_like(cells, dtype=torch.bool), cells)
+        count = shape[0] * shape[1]
+        compressed = Compressed(features[cells.to(features.device)], torch.ones_like(cells, dtype=torch.bool), cells,
+                                partial(selection_mix, cells, count))  # fmt: skip
         return Selection(compressed, torch.ones(cells.numel(), dtype=torch.bool), state.view(shape))
     keep = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
     keep[cells] = True

@@ -43,6 +43,7 @@ class CallContext:
         self.regions = regions
         self.questions = questions
         self._features: list[torch.Tensor] | None = None
+        self._side: list[torch.Tensor] | None = None
         self._vision: list[VisionCrops] | None = None
         self._masks: dict[int, torch.Tensor] = {}
 
@@ -56,8 +57,16 @@ class CallContext:
             if self.inputs.get("pixel_values") is None:
                 raise ConfigError("methods acting before the LLM need pixel_values (pass the processor's output)")
             derived = self.adapter.features_from_vision(self._vision) if self._vision is not None else None
-            self._features = derived if derived is not None else self.adapter.image_features(self.inputs)
+            if derived is not None:
+                self._features = derived
+            else:
+                self._features, self._side = self.adapter.encode_images(self.inputs)
         return self._features[row]
+
+    def side_features(self, row: int) -> torch.Tensor | None:
+        """Row `row`'s per-token side features `(tokens, k, dim)` (see `ModelAdapter.encode_images`), or None."""
+        self.features(row)
+        return None if self._side is None else self._side[row]
 
     def vision(self, row: int) -> VisionCrops:
         """Row `row`'s crops as the vision tower saw them (its feature layer's states, CLS attention, keys)."""

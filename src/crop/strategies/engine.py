@@ -8,12 +8,13 @@ from typing import Any
 import torch
 
 from crop.adapter import grid_cell_index
+from crop.errors import UnsupportedModelError
 from crop.region import Region
 from crop.stats import DROPPED, FINE, PruneStats, RowStats
 from crop.strategies.base import InLLMMethod, PreLLMMethod, Selection
 from crop.strategies.context import CallContext, StageContext, StageRow
 from crop.strategies.ilp import KeepPlan, Layout, PlanBuilder
-from crop.strategies.plc import splice_visual_tokens
+from crop.strategies.plc import Compressed, splice_visual_tokens
 
 
 def before_llm(call: CallContext, method: PreLLMMethod) -> tuple[dict[str, Any], list[Selection]]:
@@ -39,7 +40,32 @@ def before_llm(call: CallContext, method: PreLLMMethod) -> tuple[dict[str, Any],
     original = {key: value for key, value in inputs.items() if key != "pixel_values"}
     spliced = {**original, "input_ids": input_ids, "attention_mask": attention_mask,
                "inputs_embeds": adapter.embed(input_ids, features)}  # fmt: skip
-    return adapter.spliced_inputs(original, spliced, position_ids, method.position), selections
+    side = compressed_side_features(call, method, compressed)
+    return adapter.spliced_inputs(original, spliced, position_ids, method.position, side), selections
+
+
+def compressed_side_features(
+    call: CallContext, method: PreLLMMethod, compressed: list[Compressed]
+) -> list[torch.Tensor] | None:
+    """Each row's side features (see `ModelAdapter.encode_images`) mixed as its tokens were, leading tokens'
+    first; None for families without them. A method whose tokens are no fixed mix of the cells is refused."""
+    if call.side_features(0) is None:
+        return None
+    leading = call.layouts[0].leading
+    mixed = []
+    for row, tokens in enumerate(compressed):
+        mix = tokens.mix()
+        if mix is None:
+            raise UnsupportedModelError(
+                f"{method.describe()} on {call.adapter.family}: its tokens are not a fixed mix of the grid's cells, "
+                "so the per-token features this family adds inside the LLM cannot be compressed with them; use "
+                "pooling, PLC, random, divprune or an in-LLM method"
+            )
+        side = call.side_features(row)
+        grid = side[leading:]
+        new = (mix.to(grid.device) @ grid.flatten(1).float()).view(-1, *grid.shape[1:]).to(grid.dtype)
+        mixed.append(torch.cat([side[:leading], new]) if leading else new)
+    return mixed
 
 
 def stage_builders(

@@ -9,6 +9,7 @@ yields a token, so the LLM still sees where each kept row ends.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -16,7 +17,7 @@ from crop.adapter import SEPARATOR, VisualLayout
 from crop.errors import ConfigError
 from crop.stats import DROPPED, FINE
 from crop.strategies.base import Selection
-from crop.strategies.plc import Compressed
+from crop.strategies.plc import Compressed, mix_of, selection_mix
 
 GridSelect = Callable[[torch.Tensor | None, tuple[int, int], torch.Tensor | None, int | None], Selection]
 """`(features (rows*cols, dim) or None, (rows, cols), region mask (rows, cols) or None, budget or None) ->
@@ -140,7 +141,7 @@ class _PerGrid:
         separator counts as inside (and survives a later ILP) when its row has a token that does."""
         if self.features is None:
             raise ConfigError(f"{self.name} acts before the LLM and needs the image features")
-        features, inside, keep, first = [], [], [], []
+        features, inside, keep, first, mixes = [], [], [], [], []
         last = len(parts) - 1
         cols = self.layout.grids[last][1]
         for positions, part in zip(self.positions, parts, strict=True):
@@ -150,6 +151,7 @@ class _PerGrid:
             inside.append(part.compressed.inside.cpu())
             keep.append(part.keep.cpu())
             first.append(positions[part.compressed.first_cell.cpu()])
+            mixes.append((part.compressed.mixing, positions))
         separators = self.separators[used]
         if parts[last] is not None and separators.numel():
             rows = parts[last].compressed.first_cell.cpu() // cols
@@ -159,14 +161,36 @@ class _PerGrid:
             inside.append(_any_in_row(separator_rows, rows, parts[last].compressed.inside.cpu()))
             keep.append(separator_keep)
             first.append(separators)
+            mixes.append((partial(selection_mix, torch.arange(separators.numel()), separators.numel()), separators))
             cells[separators] = torch.where(separator_keep, FINE, DROPPED)
         if not features:
             raise ConfigError(f"{self.name} left no visual token for this image")
         order = torch.cat(first).argsort()
         compressed = Compressed(
-            torch.cat(features)[order.to(self.features.device)], torch.cat(inside)[order], torch.cat(first)[order]
+            torch.cat(features)[order.to(self.features.device)], torch.cat(inside)[order], torch.cat(first)[order],
+            None if any(mixing is None for mixing, _ in mixes) else partial(
+                _joined_mix, mixes, order, self.layout.num_tokens - self.layout.leading
+            ),
         )
         return Selection(compressed, torch.cat(keep)[order], cells.view(self.layout.rows, self.layout.cols))
+
+
+def _joined_mix(
+    mixes: list[tuple[Callable[[], torch.Tensor], torch.Tensor]], order: torch.Tensor, placeholders: int
+) -> torch.Tensor:
+    """The mix over the image's placeholders of the grids' tokens, concatenated then put in `order`: each part's
+    `(builder of its mix over its grid's cells, the placeholder of each cell)`."""
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    tokens, cells, weights, offset = [], [], [], 0
+    for mixing, positions in mixes:
+        mix = mixing()
+        token, cell = mix.indices()
+        tokens.append(rank[token + offset])
+        cells.append(positions[cell])
+        weights.append(mix.values())
+        offset += mix.shape[0]
+    return mix_of(torch.cat(tokens), torch.cat(cells), torch.cat(weights), (order.numel(), placeholders))
 
 
 def _in_raster_order(positions: torch.Tensor, raster: torch.Tensor) -> torch.Tensor:

@@ -14,13 +14,15 @@ the rule of their Qwen2.5-VL code, `int(1024 / 576 * N / budget)` crops, which g
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from crop.errors import ConfigError, UnsupportedModelError
 from crop.stats import DROPPED, FINE
 from crop.strategies.base import PreLLMMethod, Selection, check_budget
 from crop.strategies.context import ImageContext
-from crop.strategies.plc import Compressed
+from crop.strategies.plc import Compressed, selection_mix
 
 ALPHA = 0.09
 EPS = 1e-6
@@ -109,7 +111,7 @@ class HoloV(PreLLMMethod):
         cells = torch.full((image.grid_tokens,), DROPPED, dtype=torch.long)
         cells[chosen] = FINE
         compressed = Compressed(features[chosen.to(features.device)], torch.ones(chosen.numel(), dtype=torch.bool),
-                                chosen)  # fmt: skip
+                                chosen, partial(selection_mix, chosen, image.grid_tokens))  # fmt: skip
         return Selection(compressed, torch.ones(chosen.numel(), dtype=torch.bool), cells.view(image.shape))
 
     def describe(self) -> str:

@@ -8,7 +8,7 @@ come in raster order of each group's first member, and each takes that member's 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,11 +55,33 @@ class PLC:
 
 @dataclass
 class Compressed:
-    """One image's compressed tokens: features, which came from inside the region, and first-member cells."""
+    """One image's compressed tokens: features, which came from inside the region, and first-member cells.
+
+    `mixing`, where the tokens are a fixed mix of the grid's cells (pooling, selection), builds on demand the
+    sparse `(tokens, cells)` matrix with `features = mix @ grid features` (see `mix`); None where they are not (a
+    learned compressor, VisionZip's merged tokens).
+    """
 
     features: torch.Tensor
     inside: torch.Tensor
     first_cell: torch.Tensor
+    mixing: Callable[[], torch.Tensor] | None = None
+
+    def mix(self) -> torch.Tensor | None:
+        """The tokens' mix of the grid's cells, or None: how per-token inputs that a family adds inside the LLM
+        (Qwen3-VL's DeepStack features) are compressed the same way as the tokens."""
+        return self.mixing() if self.mixing is not None else None
+
+
+def mix_of(tokens: torch.Tensor, cells: torch.Tensor, weights: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """A sparse `(tokens, cells)` float32 mix on the CPU: token `tokens[i]` takes `weights[i]` of cell `cells[i]`."""
+    indices = torch.stack([tokens.cpu().long(), cells.cpu().long()])
+    return torch.sparse_coo_tensor(indices, weights.cpu().float(), shape, check_invariants=True).coalesce()
+
+
+def selection_mix(cells: torch.Tensor, count: int) -> torch.Tensor:
+    """The mix of tokens that are the cells `cells` of a `count`-cell grid, unchanged, in that order."""
+    return mix_of(torch.arange(cells.numel()), cells, torch.ones(cells.numel()), (cells.numel(), count))
 
 
 def group_cells(inside: torch.Tensor, plc: PLC) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,7 +130,12 @@ def compress(features: torch.Tensor, inside: torch.Tensor, plc: PLC) -> Compress
     sums.index_add_(0, group, features.float())
     sizes = torch.bincount(group, minlength=count).to(sums.dtype)
     pooled = (sums / sizes[:, None]).to(features.dtype)
-    return Compressed(pooled, group_inside.to(features.device), first_cell.to(features.device))
+    group, sizes = group.cpu(), sizes.cpu()
+
+    def mixing() -> torch.Tensor:
+        return mix_of(group, torch.arange(rows * cols), 1 / sizes[group], (count, rows * cols))
+
+    return Compressed(pooled, group_inside.to(features.device), first_cell.to(features.device), mixing)
 
 
 def chebyshev_distance(inside: torch.Tensor) -> torch.Tensor:

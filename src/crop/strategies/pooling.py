@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from crop.stats import POOLED
 from crop.strategies.base import PreLLMMethod, Selection, check_budget
 from crop.strategies.context import ImageContext
-from crop.strategies.plc import Compressed
+from crop.strategies.plc import Compressed, mix_of
 
 
 def pooled_shape(rows: int, cols: int, budget: int) -> tuple[int, int]:
@@ -49,9 +50,25 @@ class UniformPooling(PreLLMMethod):
         starts_r = torch.tensor([(i * rows) // h for i in range(h)])
         starts_c = torch.tensor([(j * cols) // w for j in range(w)])
         first = (starts_r[:, None] * cols + starts_c[None, :]).reshape(-1)
-        compressed = Compressed(pooled.to(features.dtype), torch.ones(h * w, dtype=torch.bool), first)
+        compressed = Compressed(pooled.to(features.dtype), torch.ones(h * w, dtype=torch.bool), first,
+                                partial(window_mix, rows, cols, h, w))  # fmt: skip
         cells = torch.full(shape, POOLED, dtype=torch.long)
         return Selection(compressed, torch.ones(h * w, dtype=torch.bool), cells)
 
     def describe(self) -> str:
         return f"pool({self.budget})"
+
+
+def window_mix(rows: int, cols: int, h: int, w: int) -> torch.Tensor:
+    """The mix of `adaptive_avg_pool2d` from `rows x cols` to `h x w`: output (i, j) averages rows
+    `floor(i * rows / h) .. ceil((i + 1) * rows / h) - 1` and the columns alike (windows may overlap)."""
+    tokens, cells, weights = [], [], []
+    for i in range(h):
+        r0, r1 = (i * rows) // h, -(-((i + 1) * rows) // h)
+        for j in range(w):
+            c0, c1 = (j * cols) // w, -(-((j + 1) * cols) // w)
+            window = (torch.arange(r0, r1)[:, None] * cols + torch.arange(c0, c1)[None, :]).reshape(-1)
+            tokens.append(torch.full_like(window, i * w + j))
+            cells.append(window)
+            weights.append(torch.full((window.numel(),), 1 / window.numel()))
+    return mix_of(torch.cat(tokens), torch.cat(cells), torch.cat(weights), (h * w, rows * cols))
