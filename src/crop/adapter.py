@@ -189,14 +189,11 @@ class ModelAdapter(ABC):
         This default fits Llama-style layers (`input_layernorm`, `self_attn.q_proj/k_proj`, per-head
         `q_norm/k_norm` where the layer has them (Qwen3), rotary `(cos, sin)` of shape `(batch, length,
         head_dim)` in `position_embeddings`), as LLaVA and the Qwen-VL families have."""
+        length = hidden.shape[1]
+        query = self.layer_queries(layer, hidden, kwargs, count)
+        key = self.layer_keys(layer, hidden, kwargs)
         attention = layer.self_attn
-        batch, length, _ = hidden.shape
-        normed = layer.input_layernorm(hidden)
-        query = attention.q_proj(normed[:, -count:]).view(batch, count, -1, attention.head_dim)
-        query = (attention.q_norm(query) if hasattr(attention, "q_norm") else query).transpose(1, 2)
-        cos, sin = kwargs["position_embeddings"]
-        query = _rotate(query, cos[:, -count:], sin[:, -count:])
-        key = self.layer_keys(layer, hidden, kwargs).repeat_interleave(attention.num_key_value_groups, dim=1)
+        key = key.repeat_interleave(attention.num_key_value_groups, dim=1)
         scores = (query @ key.transpose(-1, -2)).float() * attention.scaling
         mask = kwargs.get("attention_mask")
         if mask is not None:
@@ -210,6 +207,19 @@ class ModelAdapter(ABC):
             scores = scores.masked_fill(~causal, float("-inf"))
         return scores.softmax(-1)
 
+    def layer_queries(
+        self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], count: int
+    ) -> torch.Tensor:
+        """Queries `(batch, heads, count, head_dim)` of the last `count` positions in decoder `layer`, rotary
+        applied, as the layer computes them (the default fits the Llama-style layers of `query_attention`)."""
+        attention = layer.self_attn
+        batch = hidden.shape[0]
+        normed = layer.input_layernorm(hidden[:, -count:])
+        query = attention.q_proj(normed).view(batch, count, -1, attention.head_dim)
+        query = (attention.q_norm(query) if hasattr(attention, "q_norm") else query).transpose(1, 2)
+        cos, sin = kwargs["position_embeddings"]
+        return _rotate(query, cos[:, -count:], sin[:, -count:])
+
     def layer_keys(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         """Keys `(batch, kv heads, length, head_dim)` of decoder `layer` given its inputs, rotary applied, as the
         layer computes them (the default fits the Llama-style layers of `query_attention`)."""
@@ -219,6 +229,11 @@ class ModelAdapter(ABC):
         key = attention.k_norm(key) if hasattr(attention, "k_norm") else key
         cos, sin = kwargs["position_embeddings"]
         return _rotate(key.transpose(1, 2), cos, sin)
+
+    def recurrent_layers(self) -> tuple[int, ...]:
+        """Decoder layers whose token mixer is recurrent (linear attention: no KV cache, a 2-D padding mask; see
+        `ILPHooks`); none by default."""
+        return ()
 
     def pruning_hooks(self, hooks: Any) -> list[Any]:
         """Extra hooks a family installs beside the in-LLM pruning hooks `hooks` (an `ILPHooks`), for model inputs

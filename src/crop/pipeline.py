@@ -65,7 +65,7 @@ class CropModel:
         self._family_hooks: list[Any] = []
         if self.inside is not None:
             rotary = self.adapter.renumbering_rotary() if self.inside.positions == "compact" else None
-            self._hooks = ILPHooks(layers, self.inside.stage_layers, rotary)
+            self._hooks = ILPHooks(layers, self.inside.stage_layers, rotary, self.adapter.recurrent_layers())
             self._family_hooks = self.adapter.pruning_hooks(self._hooks)
 
     def remove(self) -> None:

@@ -4,4 +4,12 @@ imports this package through the `crop.families` entry point, on the first adapt
 Adding a family is adding its file and one import line below.
 """
 
-from crop.models import internvl, llava, llava_next, llava_onevision, qwen2_vl, qwen3_vl  # noqa: F401  (each registers its adapter)
+from crop.models import (  # noqa: F401  (each registers its adapter)
+    internvl,
+    llava,
+    llava_next,
+    llava_onevision,
+    qwen2_vl,
+    qwen3_5,
+    qwen3_vl,
+)

@@ -215,6 +215,8 @@ class PrunedCall:
     """The first decoder layer's input at prefill (the prompt embeddings)."""
     rotary: dict[int, tuple[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     """With renumbered positions: per stage, the cache length of the current step and its rotary embeddings."""
+    prefill: bool = True
+    """Whether the model's current forward is the prefill (set by the first decoder layer's hook)."""
 
 
 class ILPHooks:
@@ -230,13 +232,22 @@ class ILPHooks:
     With `rotary` (`(hidden, position_ids) -> (cos, sin)`, the model's rotary embedding), each stage's tokens are
     renumbered consecutively instead (as PyramidDrop's and SparseVLM's authors do) and decoding continues each
     stage's numbering: a stage's layers see position ids as if the prompt had held only its tokens.
+
+    `recurrent` names the layers whose token mixer is recurrent (linear attention: a convolution and a state, no
+    KV cache, as Qwen3.5's Gated DeltaNet): they take a 2-D padding mask of the kept tokens at prefill and need no
+    positions; their state then holds only the kept tokens.
     """
 
     def __init__(
-        self, layers: Sequence[nn.Module], stage_layers: Sequence[int], rotary: RotaryEmbedding | None = None
+        self,
+        layers: Sequence[nn.Module],
+        stage_layers: Sequence[int],
+        rotary: RotaryEmbedding | None = None,
+        recurrent: Sequence[int] = (),
     ) -> None:
         self.stage_layers = list(stage_layers)
         self.rotary = rotary
+        self.recurrent = frozenset(recurrent)
         if self.stage_layers != sorted(set(self.stage_layers)) or self.stage_layers[0] < 1:
             raise ConfigError(f"pruning stages must start at increasing layers >= 1, got {self.stage_layers}")
         self._call: PrunedCall | None = None
@@ -288,13 +299,16 @@ class ILPHooks:
             self._call = None
 
     def _observe_embeddings(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._call is not None and _past_length(kwargs, 0) == 0:
+        if self._call is None:
+            return
+        self._call.prefill = _past_length(kwargs, 0) == 0
+        if self._call.prefill:
             self._call.embeddings = args[0] if args else kwargs["hidden_states"]
 
     def _make_observer(self, stage: int, index: int) -> Callable[..., None]:
         def observe(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             call = self._call
-            if call is not None and _past_length(kwargs, index) == 0 and not isinstance(call.plans[stage], KeepPlan):
+            if call is not None and call.prefill and not isinstance(call.plans[stage], KeepPlan):
                 call.observed[stage] = (args[0] if args else kwargs["hidden_states"], dict(kwargs))
 
         return observe
@@ -331,14 +345,17 @@ class ILPHooks:
     def _prune_call(self, call: PrunedCall, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         hidden = args[0] if args else kwargs["hidden_states"]
         stage = self._stage_of(index)
-        past = _past_length(kwargs, index)
         incoming_mask = kwargs.get("attention_mask")
-        if past == 0:
+        recurrent = index in self.recurrent
+        if call.prefill:
             if index == self.stage_layers[stage]:
                 self._resolve(call, stage, hidden, kwargs)
                 hidden = call.resolved[stage].reduce(hidden)
             plan, layout = call.resolved[stage], call.layouts[stage + 1]
-            if layout.positions is not None:
+            if recurrent:
+                if incoming_mask is not None or plan.has_pads:
+                    kwargs["attention_mask"] = plan.valid
+            elif layout.positions is not None:
                 kwargs["position_ids"] = layout.positions
                 kwargs["position_embeddings"] = self._renumbered_rotary(call, stage, 0, hidden, layout.positions)
             else:
@@ -346,9 +363,10 @@ class ILPHooks:
                 kwargs["position_embeddings"] = (_take(cos, layout.index), _take(sin, layout.index))
                 if isinstance(kwargs.get("position_ids"), torch.Tensor):
                     kwargs["position_ids"] = _take(kwargs["position_ids"], layout.index)
-            if incoming_mask is not None or plan.has_pads:
+            if not recurrent and (incoming_mask is not None or plan.has_pads):
                 kwargs["attention_mask"] = plan.prefill_mask(hidden.dtype)
-        else:
+        elif not recurrent:  # a recurrent layer's decode step needs nothing: its new tokens are never pads
+            past = _past_length(kwargs, index)
             plan, layout = call.resolved[stage], call.layouts[stage + 1]
             if layout.shift is not None:
                 shift = layout.shift.repeat_interleave(hidden.shape[0] // layout.shift.shape[0], 0)
