@@ -15,13 +15,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from crop.errors import LocalizerError, UnsupportedModelError
 from crop.region import Viewport
+
+if TYPE_CHECKING:
+    from crop.strategies.ilp import LayerAttention
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -230,10 +233,15 @@ class ModelAdapter(ABC):
         cos, sin = kwargs["position_embeddings"]
         return _rotate(key.transpose(1, 2), cos, sin)
 
-    def recurrent_layers(self) -> tuple[int, ...]:
-        """Decoder layers whose token mixer is recurrent (linear attention: no KV cache, a 2-D padding mask; see
-        `ILPHooks`); none by default."""
-        return ()
+    def layer_attention(self) -> list[LayerAttention] | None:
+        """Per decoder layer, how its tokens see each other (`LayerAttention`: recurrent layers, sliding windows,
+        bidirectional blocks), which the in-LLM hooks' masks follow; None: every layer plain causal (the default)."""
+        return None
+
+    def attention_blocks(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """`(batch, prompt length)`: each prompt token's block (-1: none) for layers whose tokens of one block see
+        each other both ways (Gemma 4: each image's tokens); None by default."""
+        return None
 
     def pruning_hooks(self, hooks: Any) -> list[Any]:
         """Extra hooks a family installs beside the in-LLM pruning hooks `hooks` (an `ILPHooks`), for model inputs

@@ -65,7 +65,7 @@ class CropModel:
         self._family_hooks: list[Any] = []
         if self.inside is not None:
             rotary = self.adapter.renumbering_rotary() if self.inside.positions == "compact" else None
-            self._hooks = ILPHooks(layers, self.inside.stage_layers, rotary, self.adapter.recurrent_layers())
+            self._hooks = ILPHooks(layers, self.inside.stage_layers, rotary, self.adapter.layer_attention())
             self._family_hooks = self.adapter.pruning_hooks(self._hooks)
 
     def remove(self) -> None:
@@ -184,7 +184,7 @@ class CropModel:
             output = run(**inputs)
         else:
             plans = stage_builders(call, self.inside, input_ids, attention_mask, selections, found)
-            with self._hooks.active(plans) as pruned_call:
+            with self._hooks.active(plans, self.adapter.attention_blocks(inputs)) as pruned_call:
                 output = run(**inputs)
                 layouts = pruned_call.layouts
         stage_layers = self.inside.stage_layers if self.inside is not None else ()

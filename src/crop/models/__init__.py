@@ -5,6 +5,7 @@ Adding a family is adding its file and one import line below.
 """
 
 from crop.models import (  # noqa: F401  (each registers its adapter)
+    gemma4,
     internvl,
     llava,
     llava_next,

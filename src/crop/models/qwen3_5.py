@@ -21,6 +21,7 @@ from transformers.models.qwen3_5.modeling_qwen3_5 import rotate_half
 from crop.adapter import register
 from crop.errors import UnsupportedModelError
 from crop.models.qwen2_vl import Qwen2VLAdapter
+from crop.strategies.ilp import LayerAttention
 
 LINEAR = "linear_attention"
 
@@ -35,8 +36,8 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
     def layer_types(self) -> list[str]:
         return list(self.text_config.layer_types)
 
-    def recurrent_layers(self) -> tuple[int, ...]:
-        return tuple(index for index, kind in enumerate(self.layer_types) if kind == LINEAR)
+    def layer_attention(self) -> list[LayerAttention]:
+        return [LayerAttention(recurrent=kind == LINEAR) for kind in self.layer_types]
 
     def layer_queries(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], count: int) -> torch.Tensor:
         """The gated attention's queries (the first half of each head's `q_proj` output), normed and partly

@@ -39,6 +39,25 @@ class ILP:
             )
 
 
+@dataclass(frozen=True)
+class LayerAttention:
+    """How one decoder layer's tokens see each other, which the hooks' masks over the kept tokens follow.
+
+    `recurrent`: the token mixer is recurrent (linear attention: a convolution and a state, no KV cache, as
+    Qwen3.5's Gated DeltaNet): a 2-D padding mask at prefill, no positions. `window`: a sliding window, counted in
+    the tokens the layer sees (the kept ones: what the model would do on a prompt of only them), with a cache of
+    the last `window - 1` tokens. `blocks`: tokens of one block (an image, by `ILPHooks.active`'s `blocks`) also
+    see each other's later tokens, within the window (Gemma 4's sliding layers).
+    """
+
+    recurrent: bool = False
+    window: int | None = None
+    blocks: bool = False
+
+
+CAUSAL = LayerAttention()
+
+
 @dataclass
 class KeepPlan:
     """Which prompt positions each row keeps from layer K on, laid out left-padded.
@@ -114,20 +133,33 @@ class KeepPlan:
             reduced[row, slot] = hidden[row, members.to(hidden.device)].mean(0)
         return reduced
 
-    def prefill_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """Additive `(batch, 1, kept, kept)` causal mask over the kept tokens; pad rows attend to themselves."""
-        key = ("prefill", dtype)
+    def prefill_mask(
+        self, dtype: torch.dtype, attention: LayerAttention = CAUSAL, blocks: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Additive `(batch, 1, kept, kept)` mask over the kept tokens: causal (and, per `attention`, tokens of one
+        of `blocks` `(batch, kept)` (-1: none) seeing each other, within a sliding window); pad rows attend to
+        themselves."""
+        key = ("prefill", dtype, attention)
         if key not in self._masks:
             width = self.valid.shape[1]
-            causal = torch.ones(width, width, dtype=torch.bool, device=self.valid.device).tril()
-            allowed = causal[None] & self.valid[:, None, :]
-            allowed |= torch.eye(width, dtype=torch.bool, device=self.valid.device)[None]
+            device = self.valid.device
+            query, column = torch.arange(width, device=device)[:, None], torch.arange(width, device=device)[None, :]
+            allowed = (column <= query)[None].expand(self.valid.shape[0], -1, -1)
+            if attention.blocks and blocks is not None:
+                allowed = allowed | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0))
+            if attention.window is not None:
+                allowed = allowed & (query - column < attention.window)[None]
+            allowed = allowed & self.valid[:, None, :]
+            allowed = allowed | torch.eye(width, dtype=torch.bool, device=device)[None]
             self._masks[key] = _additive(allowed[:, None], dtype)
         return self._masks[key]
 
-    def decode_mask(self, past_length: int, query_length: int, dtype: torch.dtype) -> torch.Tensor:
-        """Additive `(batch, 1, query, past + query)` mask for a decode step on a pruned layer's cache."""
-        key = ("decode", past_length, query_length, dtype)
+    def decode_mask(
+        self, past_length: int, query_length: int, dtype: torch.dtype, attention: LayerAttention = CAUSAL
+    ) -> torch.Tensor:
+        """Additive `(batch, 1, query, keys)` mask for a decode step on a pruned layer's cache: `keys` is past +
+        query, or with a sliding window the last `window - 1` cached tokens plus the query."""
+        key = ("decode", past_length, query_length, dtype, attention)
         if key not in self._masks:
             batch, width = self.valid.shape
             appended = past_length - width
@@ -137,10 +169,12 @@ class KeepPlan:
             new = torch.ones(batch, appended + query_length, dtype=torch.bool, device=device)
             columns = torch.cat([self.valid, new], dim=1)
             total = past_length + query_length
-            causal = torch.arange(total, device=device)[None, :] <= (
-                torch.arange(query_length, device=device)[:, None] + past_length
-            )
-            allowed = columns[:, None, :] & causal[None]
+            query = torch.arange(query_length, device=device)[:, None] + past_length
+            column = torch.arange(total, device=device)[None, :]
+            allowed = columns[:, None, :] & (column <= query)[None]
+            if attention.window is not None:
+                cached = min(past_length, attention.window - 1) + query_length  # the sliding cache's last tokens
+                allowed = (allowed & (query - column < attention.window)[None])[:, :, -cached:]
             self._masks[key] = _additive(allowed[:, None], dtype)
         return self._masks[key]
 
@@ -217,6 +251,10 @@ class PrunedCall:
     """With renumbered positions: per stage, the cache length of the current step and its rotary embeddings."""
     prefill: bool = True
     """Whether the model's current forward is the prefill (set by the first decoder layer's hook)."""
+    blocks: torch.Tensor | None = None
+    """Each prompt token's block (-1: none), for layers whose tokens of one block see each other."""
+    stage_blocks: dict[int, torch.Tensor] = field(default_factory=dict)
+    """`blocks` in each stage's layout."""
 
 
 class ILPHooks:
@@ -233,9 +271,9 @@ class ILPHooks:
     renumbered consecutively instead (as PyramidDrop's and SparseVLM's authors do) and decoding continues each
     stage's numbering: a stage's layers see position ids as if the prompt had held only its tokens.
 
-    `recurrent` names the layers whose token mixer is recurrent (linear attention: a convolution and a state, no
-    KV cache, as Qwen3.5's Gated DeltaNet): they take a 2-D padding mask of the kept tokens at prefill and need no
-    positions; their state then holds only the kept tokens.
+    `attention` says per layer how its tokens see each other (`LayerAttention`; plain causal by default): the
+    masks over the kept tokens follow it, a recurrent layer gets a 2-D padding mask of the kept tokens (its state
+    then holds only them).
     """
 
     def __init__(
@@ -243,11 +281,13 @@ class ILPHooks:
         layers: Sequence[nn.Module],
         stage_layers: Sequence[int],
         rotary: RotaryEmbedding | None = None,
-        recurrent: Sequence[int] = (),
+        attention: Sequence[LayerAttention] | None = None,
     ) -> None:
         self.stage_layers = list(stage_layers)
         self.rotary = rotary
-        self.recurrent = frozenset(recurrent)
+        self.attention = list(attention) if attention is not None else [CAUSAL] * len(layers)
+        if len(self.attention) != len(layers):
+            raise ConfigError(f"{len(self.attention)} layer attention kinds for {len(layers)} decoder layers")
         if self.stage_layers != sorted(set(self.stage_layers)) or self.stage_layers[0] < 1:
             raise ConfigError(f"pruning stages must start at increasing layers >= 1, got {self.stage_layers}")
         self._call: PrunedCall | None = None
@@ -284,15 +324,18 @@ class ILPHooks:
         self._handles.clear()
 
     @contextmanager
-    def active(self, plans: KeepPlan | PlanBuilder | Sequence[KeepPlan | PlanBuilder]) -> Iterator[PrunedCall]:
+    def active(
+        self, plans: KeepPlan | PlanBuilder | Sequence[KeepPlan | PlanBuilder], blocks: torch.Tensor | None = None
+    ) -> Iterator[PrunedCall]:
         """Prune during the block, one plan (or builder) per stage; yields the call's state; the hooks are inert
-        after it."""
+        after it. `blocks` `(batch, prompt length)`: each prompt token's block (-1: none) for the layers whose
+        `LayerAttention.blocks` is set."""
         if self._call is not None:
             raise RuntimeError("a pruned call is already running on this model (calls are not re-entrant)")
         plans = [plans] if isinstance(plans, KeepPlan) or callable(plans) else list(plans)
         if len(plans) != len(self.stage_layers):
             raise ConfigError(f"{len(plans)} plans for {len(self.stage_layers)} pruning stages")
-        self._call = PrunedCall(plans)
+        self._call = PrunedCall(plans, blocks=blocks)
         try:
             yield self._call
         finally:
@@ -346,7 +389,8 @@ class ILPHooks:
         hidden = args[0] if args else kwargs["hidden_states"]
         stage = self._stage_of(index)
         incoming_mask = kwargs.get("attention_mask")
-        recurrent = index in self.recurrent
+        attention = self.attention[index]
+        recurrent = attention.recurrent
         if call.prefill:
             if index == self.stage_layers[stage]:
                 self._resolve(call, stage, hidden, kwargs)
@@ -363,8 +407,8 @@ class ILPHooks:
                 kwargs["position_embeddings"] = (_take(cos, layout.index), _take(sin, layout.index))
                 if isinstance(kwargs.get("position_ids"), torch.Tensor):
                     kwargs["position_ids"] = _take(kwargs["position_ids"], layout.index)
-            if not recurrent and (incoming_mask is not None or plan.has_pads):
-                kwargs["attention_mask"] = plan.prefill_mask(hidden.dtype)
+            if not recurrent and (incoming_mask is not None or plan.has_pads or attention != CAUSAL):
+                kwargs["attention_mask"] = plan.prefill_mask(hidden.dtype, attention, self._blocks(call, stage, hidden))
         elif not recurrent:  # a recurrent layer's decode step needs nothing: its new tokens are never pads
             past = _past_length(kwargs, index)
             plan, layout = call.resolved[stage], call.layouts[stage + 1]
@@ -373,14 +417,25 @@ class ILPHooks:
                 positions = _position_ids(kwargs).expand(hidden.shape[0], -1) - shift[:, None]
                 kwargs["position_ids"] = positions
                 kwargs["position_embeddings"] = self._renumbered_rotary(call, stage, past, hidden, positions)
-            if incoming_mask is not None or plan.has_pads or hidden.shape[1] > 1:
-                kwargs["attention_mask"] = plan.decode_mask(past, hidden.shape[1], hidden.dtype)
+            if incoming_mask is not None or plan.has_pads or hidden.shape[1] > 1 or attention.window is not None:
+                kwargs["attention_mask"] = plan.decode_mask(past, hidden.shape[1], hidden.dtype, attention)
         if args:
             args = (hidden, *args[1:])
         else:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
+
+    def _blocks(self, call: PrunedCall, stage: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The call's blocks in stage `stage`'s layout (rows repeated as the batch is), computed once."""
+        if call.blocks is None:
+            return None
+        if stage not in call.stage_blocks:
+            blocks = call.blocks.to(hidden.device)
+            index = call.layouts[stage + 1].index
+            blocks = blocks.repeat_interleave(index.shape[0] // blocks.shape[0], 0)
+            call.stage_blocks[stage] = blocks.gather(1, index)
+        return call.stage_blocks[stage]
 
     def _renumbered_rotary(
         self, call: PrunedCall, stage: int, past: int, hidden: torch.Tensor, positions: torch.Tensor
