@@ -24,6 +24,7 @@ from crop.strategies.ilp import ILP
 from crop.strategies.plc import PLC
 from crop.strategies.pooling import UniformPooling
 from crop.strategies.pyramid_drop import PyramidDrop
+from crop.strategies.random_select import RandomSelection
 from crop.strategies.sparsevlm import SparseVLM
 from crop.testing.gemma4 import WINDOW, build_gemma4_model, build_gemma4_processor, gemma4_inputs
 
@@ -217,7 +218,9 @@ PRE_LLM = {
     "plc": lambda: CROP(None, PLC(ratio=2)),
     "k0": lambda: CROP(ILP(0)),
     "plc+ilp2": lambda: CROP(ILP(2), PLC(ratio=2)),
+    "budget-k0": lambda: CROP(ILP(0), budget=10),
     "pool": lambda: UniformPooling(10),
+    "random": lambda: RandomSelection(7),
     "divprune": lambda: DivPrune(9),
 }
 

@@ -19,6 +19,7 @@ from crop.strategies.crop_method import CROP
 from crop.strategies.divprune import DivPrune
 from crop.strategies.ilp import ILP
 from crop.strategies.plc import PLC
+from crop.strategies.random_select import RandomSelection
 from crop.testing.internvl import build_internvl_model, build_internvl_processor, internvl_inputs
 
 SIZES = [(192, 128), (64, 192), (64, 64)]  # 2x3 tiles + thumbnail, 3x1 tiles + thumbnail, one tile
@@ -325,3 +326,28 @@ def test_refusals_and_a_saved_checkpoint_answers(processor, tmp_path, capsys):
     _, loaded = load_model(tmp_path / "ivl")  # a checkpoint saved with the stock processor
     assert isinstance(loaded, InternVLImageTextProcessor)
     assert loaded(images=[make_image(192, 64)], text=["<IMG_CONTEXT> what ?"])["image_tiles"].tolist() == [[1, 3]]
+
+
+@pytest.mark.parametrize("method", [RandomSelection(9), CROP(ILP(0), budget=12)], ids=["random", "budget-k0"])
+def test_selections_before_the_llm_equal_the_prompt_of_the_kept_placeholders(model, processor, method):
+    """The kept placeholders at their original positions, every other placeholder dropped before the LLM: the
+    budget rule's written out by hand (`budget_keep_by_hand`); random's draw is row r's permutation of the
+    placeholders with seed + r."""
+    inputs = batch(processor)
+    pruned = crop.apply(model, processor, method=method)
+    try:
+        output, stats = pruned(**inputs, regions=REGIONS)
+    finally:
+        pruned.remove()
+    for row in range(3):
+        count = len(placeholder_cells(TILES[row]))
+        if isinstance(method, CROP):
+            kept = budget_keep_by_hand(TILES[row], REGIONS[row], 12)
+        else:
+            kept = torch.zeros(count, dtype=torch.bool)
+            kept[torch.randperm(count, generator=torch.Generator().manual_seed(row))[:9]] = True
+        assert int(kept.sum()) == stats.rows[row].llm_input_tokens
+        alone = row_inputs(inputs, row)
+        keep = prompt_keep(alone["input_ids"][0], model.config.image_token_id, kept)
+        expected = reference_logits(model, alone, keep, 0)
+        torch.testing.assert_close(output.logits[row, -expected.shape[0] :], expected, atol=1e-5, rtol=0)

@@ -10,21 +10,27 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import qwen_batch, qwen_row
 from reference import causal_mask, full_region_logits_match, layer_zero_inputs
+from test_divprune import authors_divprune
 from test_qwen2_vl_pre_llm import spliced_by_hand
 from test_qwen3_vl import region_keep
 
 import crop
 from crop.errors import UnsupportedModelError
 from crop.region import Region
+from crop.stats import FINE
 from crop.strategies.crop_fused import FusedCROP
 from crop.strategies.crop_method import CROP
 from crop.strategies.dart import DART
+from crop.strategies.divprune import DivPrune
 from crop.strategies.fastv import FastV
 from crop.strategies.ilp import ILP
 from crop.strategies.plc import PLC
+from crop.strategies.pooling import UniformPooling, pooled_shape
 from crop.strategies.pyramid_drop import PyramidDrop
+from crop.strategies.random_select import RandomSelection
 from crop.strategies.sparsevlm import SparseVLM
 from crop.testing.qwen3_5 import RELEASED_PATTERN, build_qwen3_5_model, build_qwen3_5_processor
 
@@ -252,3 +258,52 @@ def test_a_saved_checkpoint_answers_through_ask(tmp_path, capsys):
                     ["--method", "pool", "--budget", "4"]):  # fmt: skip
         assert main([*ask, *options]) == 0
         assert "pruned answer" in capsys.readouterr().out
+
+
+SELECTIONS = {
+    "budget-k0": lambda: CROP(ILP(0), budget=10),
+    "pool": lambda: UniformPooling(9),
+    "random": lambda: RandomSelection(7),
+    "divprune": lambda: DivPrune(8),
+}
+
+
+@pytest.mark.parametrize("name", SELECTIONS)
+def test_pooling_and_selections_before_the_llm_equal_the_hand_spliced_prompt(model, processor, name):
+    """The new tokens at the 3-D positions (s, s + r, s + c) of their first cell, the text after the image from
+    s + max(rows, cols): pooling by hand, the selections with the cells the run kept (DivPrune's checked against
+    the authors' choice; on Qwen every method keeps the 3-D positions, which carry the image's geometry)."""
+    inputs = qwen_batch(processor, 3)
+    method = SELECTIONS[name]()
+    pruned = crop.apply(model, processor, method=method)
+    try:
+        output, stats = pruned(**inputs, regions=REGIONS)
+    finally:
+        pruned.remove()
+    for row in range(3):
+        alone = qwen_row(inputs, row)
+        ids = alone["input_ids"][0]
+        _, height, width = alone["image_grid_thw"][0].tolist()
+        rows, cols = height // 2, width // 2
+        with torch.no_grad():
+            features = model.model.get_image_features(alone["pixel_values"], alone["image_grid_thw"],
+                                                      return_dict=True).pooler_output[0]  # fmt: skip
+            embeds = model.get_input_embeddings()(ids[None])[0]
+        kept = (stats.rows[row].cells.reshape(-1) == FINE).nonzero().squeeze(1)
+        if name == "pool":
+            h, w = pooled_shape(rows, cols, method.budget)
+            tokens = F.adaptive_avg_pool2d(features.T.reshape(1, -1, rows, cols), (h, w))[0].flatten(1).T
+            first = (torch.arange(h)[:, None] * rows // h * cols + torch.arange(w)[None, :] * cols // w).reshape(-1)
+        else:
+            if name == "divprune":
+                assert torch.equal(kept, authors_divprune(features, method.budget))
+            tokens, first = features[kept], kept
+        visual = (ids == model.config.image_token_id).nonzero().squeeze(1)
+        s, n = int(visual[0]), visual.numel()
+        hidden = torch.cat([embeds[:s], tokens, embeds[s + n :]])[None]
+        image = torch.stack([torch.full_like(first, s), s + first // cols, s + first % cols])
+        after = (s + max(rows, cols) + torch.arange(ids.numel() - s - n))[None].expand(3, -1)
+        positions = torch.cat([torch.arange(s)[None].expand(3, -1), image, after], dim=1)
+        expected = run_by_hand(model, hidden, positions, None, 0)
+        got = output.logits[row, output.logits.shape[1] - expected.shape[0] :]
+        torch.testing.assert_close(got, expected, atol=BATCH_ATOL, rtol=0)
