@@ -19,6 +19,7 @@ from crop.strategies.crop_method import CROP
 from crop.strategies.divprune import DivPrune
 from crop.strategies.ilp import ILP
 from crop.strategies.plc import PLC
+from crop.strategies.pooling import UniformPooling, pooled_shape
 from crop.strategies.random_select import RandomSelection
 from crop.testing.internvl import build_internvl_model, build_internvl_processor, internvl_inputs
 
@@ -351,3 +352,49 @@ def test_selections_before_the_llm_equal_the_prompt_of_the_kept_placeholders(mod
         keep = prompt_keep(alone["input_ids"][0], model.config.image_token_id, kept)
         expected = reference_logits(model, alone, keep, 0)
         torch.testing.assert_close(output.logits[row, -expected.shape[0] :], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("budget", [6, 14])
+def test_uniform_pooling_pools_each_grid_to_its_share(model, processor, budget):
+    """By hand: the tiles' stitched grid takes its cells' share of the budget (at least the budget less the
+    thumbnail's 16 cells), pooled to the largest h x w within it (adaptive average pooling over the stitched grid);
+    the thumbnail pools to what remains; the tokens in placeholder order of their windows' first cells, at those
+    cells' positions."""
+    inputs = batch(processor)
+    pruned = crop.apply(model, processor, method=UniformPooling(budget))
+    try:
+        output, stats = pruned(**inputs)
+    finally:
+        pruned.remove()
+    for row in range(3):
+        alone = row_inputs(inputs, row)
+        features = image_features(model, alone)
+        grids = grid_positions(TILES[row])
+        shares = [budget]
+        if len(grids) == 2:
+            (thumbnail, _), (tiles, shape) = grids
+            small, large = thumbnail.numel(), tiles.numel()
+            target = max(round(budget * large / (small + large)), budget - small)
+            h, w = pooled_shape(*shape, min(target, large))
+            shares = [min(budget - h * w, small), target]
+        tokens, where = [], []
+        for (positions, (rows, cols)), share in zip(grids, shares, strict=True):
+            if share < 1:
+                continue
+            h, w = pooled_shape(rows, cols, min(share, rows * cols))
+            grid = features[positions].T.reshape(1, -1, rows, cols)
+            tokens += list(torch.nn.functional.adaptive_avg_pool2d(grid, (h, w))[0].flatten(1).T)
+            first = (torch.arange(h)[:, None] * rows // h * cols + torch.arange(w)[None, :] * cols // w).reshape(-1)
+            where += positions[first].tolist()
+        order = sorted(range(len(where)), key=where.__getitem__)
+        ids = alone["input_ids"][0]
+        placeholders = (ids == model.config.image_token_id).nonzero().squeeze(1)
+        start, count = int(placeholders[0]), placeholders.numel()
+        with torch.no_grad():
+            embeds = model.get_input_embeddings()(ids[None])[0]
+        new_embeds = torch.cat([embeds[:start], torch.stack([tokens[i] for i in order]), embeds[start + count :]])
+        text = torch.arange(ids.numel())
+        positions = torch.cat([text[:start], start + torch.tensor([where[i] for i in order]), text[start + count :]])
+        expected = logits_by_hand(model, new_embeds[None], positions, None, 0)
+        torch.testing.assert_close(output.logits[row, -expected.shape[0] :], expected, atol=1e-5, rtol=0)
+        assert stats.rows[row].llm_input_tokens == len(order) <= budget

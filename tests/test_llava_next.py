@@ -40,10 +40,19 @@ def row_inputs(inputs: dict, row: int) -> dict:
     }
 
 
+def layout_for(model, processor, size: tuple[int, int]):
+    """The placeholder layout from the family's geometry (LLaVA-OneVision: SigLIP patches and anyres-max)."""
+    config = model.config
+    if config.vision_feature_select_strategy == "full":
+        max_tiles = int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
+        return token_layout(config, processor, size, strategy="full", max_tiles=max_tiles)
+    return token_layout(config, processor, size)
+
+
 def kept_placeholders(model, processor, size: tuple[int, int], region: Region) -> torch.Tensor:
     """By hand, token by token: a grid cell stays when its centre, mapped into the image through its grid's
     viewport, lies in the region; a newline stays when a high-res cell of its row stays."""
-    layout = token_layout(model.config, processor, size)
+    layout = layout_for(model, processor, size)
     grids = {BASE: (layout.base_grid, layout.base_viewport), HIGH: (layout.high_grid, layout.high_viewport)}
     keep = []
     for grid, row, col in layout.cells.tolist():

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from conftest import QUESTIONS, make_image
 from reference import causal_mask, reference_logits, run_layers
-from test_llava_next import batch, kept_placeholders, row_inputs
+from test_llava_next import batch, kept_placeholders, layout_for, row_inputs
 
 import crop
 from crop.errors import ConfigError, UnsupportedModelError
 from crop.localize import AttentionLocalizer
-from crop.models.llava_next import BASE, HIGH, token_layout
+from crop.models.llava_next import BASE, HIGH
 from crop.region import Region
 from crop.strategies.crop_fused import FusedCROP
 from crop.strategies.crop_method import CROP
@@ -48,6 +48,7 @@ def image_features(model, alone: dict) -> torch.Tensor:
             vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
             return_dict=True,
+            **({"vision_aspect_ratio": config.vision_aspect_ratio} if hasattr(config, "vision_aspect_ratio") else {}),
         ).pooler_output[0]
 
 
@@ -55,7 +56,7 @@ def plc_by_hand(model, processor, alone: dict, region: Region, plc: PLC):
     """The image's PLC tokens written out: each grid compressed alone, in placeholder order, a newline after the
     high-res rows that yield a token. Returns (features, placeholder index, inside) per new token."""
     height, width = alone["image_sizes"][0].tolist()
-    layout = token_layout(model.config, processor, (width, height))
+    layout = layout_for(model, processor, (width, height))
     features = image_features(model, alone)
     keep = kept_placeholders(model, processor, (width, height), region)
     tokens, where, inside = [], [], []
@@ -202,7 +203,7 @@ def budget_keep_by_hand(model, processor, alone: dict, region: Region, budget: i
     the budget, lowered until its cells plus the newlines of their rows fit; the base grid takes the rest. In each
     grid the region's cells nearest its centre go first, then outside cells by distance to the region."""
     height, width = alone["image_sizes"][0].tolist()
-    layout = token_layout(model.config, processor, (width, height))
+    layout = layout_for(model, processor, (width, height))
     region_keep = kept_placeholders(model, processor, (width, height), region)
     base, high = layout.grid_positions(BASE), layout.grid_positions(HIGH)
     rows, cols = layout.high_grid
@@ -347,7 +348,7 @@ def test_visionzip_per_crop_equals_the_authors_order(model, processor, budget):
     for row in range(2):
         alone = row_inputs(inputs, row)
         height, width = alone["image_sizes"][0].tolist()
-        layout = token_layout(model.config, processor, (width, height))
+        layout = layout_for(model, processor, (width, height))
         tokens = visionzip_by_hand(eager, alone, layout, budget, method.contextual)
         ids = alone["input_ids"][0]
         placeholders = (ids == model.config.image_token_id).nonzero().squeeze(1)

@@ -12,12 +12,17 @@ from reference import full_region_logits_match, reference_logits
 import crop
 from crop.errors import UnsupportedModelError
 from crop.region import Region
+from crop.strategies.crop_method import CROP
 from crop.strategies.divprune import DivPrune
+from crop.strategies.ilp import ILP
+from crop.strategies.plc import PLC
+from crop.strategies.random_select import RandomSelection
 from crop.testing.llava_onevision import build_onevision_model, build_onevision_processor, onevision_inputs
 
 SIZES = [(64, 32), (32, 96), (128, 128)]  # fit 1x2, 3x1 and 4x4 tiles exactly; the last exceeds anyres_max_9
 GRIDS = [(4, 8), (12, 4), (12, 12)]  # high-res grids as the model packs them (16x16 downsampled to 12x12)
 SIDE = 4  # base grid side: 32-pixel tower input, 8-pixel patches
+REGIONS = [Region(0.0, 0.0, 0.5, 1.0), Region(0.2, 0.5, 1.0, 1.0), Region(0.3, 0.1, 0.8, 0.6)]
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +153,57 @@ def test_visionzip_is_refused_and_a_saved_checkpoint_answers(processor, tmp_path
     for options in (["--region", "0", "0", "3", "7"], ["--method", "divprune", "--budget", "8"]):
         assert main([*ask, *options]) == 0
         assert "pruned answer" in capsys.readouterr().out
+
+
+
+@pytest.mark.parametrize(
+    "method", [CROP(None, PLC(ratio=2)), CROP(ILP(2), PLC(ratio=2)), CROP(ILP(0))], ids=["plc", "plc+ilp2", "k0"]
+)
+def test_plc_and_layer_zero_equal_the_reference_on_the_downsampled_grid(model, processor, method):
+    """LLaVA-NeXT's references (each grid compressed on its own, newlines after their rows) on OneVision's layout,
+    the 4x4-tile image's high-res grid downsampled to 12x12 included."""
+    from test_llava_next import prompt_keep
+    from test_llava_next_grids import plc_reference
+
+    inputs = batch(processor)
+    pruned = crop.apply(model, processor, method=method)
+    try:
+        output, stats = pruned(**inputs, regions=REGIONS)
+    finally:
+        pruned.remove()
+    for row in range(3):
+        alone = row_inputs(inputs, row)
+        if method.plc is None:
+            expected = reference_logits(model, alone, prompt_keep(model, processor, alone, REGIONS[row]), 0)
+        else:
+            expected, tokens = plc_reference(model, processor, alone, REGIONS[row], method)
+            assert stats.rows[row].llm_input_tokens == tokens
+        got = output.logits[row, output.logits.shape[1] - expected.shape[0] :]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_budget_mode_and_random_before_the_llm_equal_the_kept_prompt(model, processor):
+    """CROP's budget rule at K = 0 written out grid by grid (LLaVA-NeXT's hand rule), and random's draw (row r's
+    permutation of the placeholders with seed r), each as the prompt of the kept placeholders."""
+    from test_llava_next_grids import budget_keep_by_hand
+
+    inputs = batch(processor)
+    for method in (CROP(ILP(0), budget=24), RandomSelection(10)):
+        pruned = crop.apply(model, processor, method=method)
+        try:
+            output, _ = pruned(**inputs, regions=REGIONS)
+        finally:
+            pruned.remove()
+        for row in range(3):
+            alone = row_inputs(inputs, row)
+            if isinstance(method, CROP):
+                keep = budget_keep_by_hand(model, processor, alone, REGIONS[row], 24)
+            else:
+                ids = alone["input_ids"][0]
+                placeholders = (ids == model.config.image_token_id).nonzero().squeeze(1)
+                drawn = torch.randperm(placeholders.numel(), generator=torch.Generator().manual_seed(row))[:10]
+                keep = torch.ones(ids.numel(), dtype=torch.bool)
+                keep[placeholders] = False
+                keep[placeholders[drawn]] = True
+            expected = reference_logits(model, alone, keep, 0)
+            torch.testing.assert_close(output.logits[row, -expected.shape[0] :], expected, atol=1e-5, rtol=0)
