@@ -149,3 +149,21 @@ def test_plc_generation_with_cache_equals_recomputing(sdpa_model, processor):
 def test_bad_plc_settings_are_refused(kwargs):
     with pytest.raises(ConfigError):
         PLC(**kwargs)
+
+
+def test_chebyshev_distance_equals_the_brute_force_minimum_and_leaves_its_input():
+    """The dilation count equals min over region cells of max(|dr|, |dc|), on random masks of random shapes."""
+    from crop.strategies.plc import chebyshev_distance
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        rows, cols = torch.randint(1, 25, (2,), generator=generator).tolist()
+        inside = torch.rand(rows, cols, generator=generator) < 0.3 * torch.rand(1, generator=generator).item()
+        inside[rows // 2, cols // 3] = True
+        before = inside.clone()
+        r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        cells = torch.stack([r, c], -1).view(-1, 2)
+        region = cells[inside.view(-1)]
+        expected = (cells[:, None] - region[None]).abs().amax(-1).amin(-1).view(rows, cols)
+        assert torch.equal(chebyshev_distance(inside), expected)
+        assert torch.equal(inside, before)
