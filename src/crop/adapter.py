@@ -182,6 +182,13 @@ class ModelAdapter(ABC):
             spliced["position_ids"] = source
         return spliced
 
+    def spliced_image_tokens(self, spliced: dict[str, Any]) -> list[torch.Tensor]:
+        """Each row's new image tokens taken out of `spliced`'s embeddings, which it drops (for families whose
+        spliced prompt goes in as ids with the tokens as `mm_encoder_outputs`: Qwen3-VL, Gemma 4)."""
+        ids, embeds = spliced["input_ids"], spliced.pop("inputs_embeds")
+        image = (ids == self.image_token_id) & spliced["attention_mask"].bool()
+        return [embeds[row][image[row]] for row in range(ids.shape[0])]
+
     def query_attention(
         self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], count: int = 1
     ) -> torch.Tensor:

@@ -81,10 +81,9 @@ class Gemma4Adapter(ModelAdapter):
         """The new prompt as ids, its image tokens marked in `mm_token_type_ids`, and the new tokens as
         `mm_encoder_outputs`: the model embeds the text and builds the per-layer inputs and masks itself."""
         spliced = super().spliced_inputs(original, spliced, source, position)
-        ids, embeds = spliced["input_ids"], spliced.pop("inputs_embeds")
-        image = (ids == self.image_token_id) & spliced["attention_mask"].bool()
-        tokens = [embeds[row][image[row]] for row in range(ids.shape[0])]
+        tokens = self.spliced_image_tokens(spliced)
         spliced["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tokens)}
+        image = (spliced["input_ids"] == self.image_token_id) & spliced["attention_mask"].bool()
         spliced["mm_token_type_ids"] = image.long()
         spliced.pop("image_position_ids", None)
         return spliced

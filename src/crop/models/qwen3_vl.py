@@ -60,9 +60,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         """Qwen2-VL's positions for the new prompt, which goes in as ids with the new tokens and their DeepStack
         features as `mm_encoder_outputs`."""
         spliced = super().spliced_inputs(original, spliced, source, position)
-        ids, embeds = spliced["input_ids"], spliced.pop("inputs_embeds")
-        placeholders = (ids == self.image_token_id) & spliced["attention_mask"].bool()
-        tokens = [embeds[row][placeholders[row]] for row in range(ids.shape[0])]
+        tokens = self.spliced_image_tokens(spliced)
         deepstack = [[features[:, layer] for features in side] for layer in range(side[0].shape[1])]
         image = BaseModelOutputWithDeepstackFeatures(pooler_output=tokens, deepstack_features=deepstack)
         spliced["mm_encoder_outputs"] = {"image": image}
