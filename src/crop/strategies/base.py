@@ -8,6 +8,7 @@ states) it asks of the per-call context it is handed (`crop.strategies.context`)
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import partial
@@ -77,6 +78,12 @@ class Method(ABC):
     def describe(self) -> str:
         return self.name
 
+    def with_position(self, position: str) -> Method:
+        """A copy whose pre-LLM step numbers its new tokens `position` ('original' or 'compact'); the method itself
+        when nothing acts before the LLM. Serving engines that number every prompt consecutively (vLLM on 1-D
+        positions) run the 'compact' form."""
+        return self
+
 
 class PreLLMMethod(Method):
     """Acts before the LLM: replaces each image's grid tokens by the ones `reduce` returns.
@@ -89,6 +96,13 @@ class PreLLMMethod(Method):
 
     def parts(self) -> tuple[PreLLMMethod | None, InLLMMethod | None]:
         return self, None
+
+    def with_position(self, position: str) -> PreLLMMethod:
+        if position not in ("original", "compact"):
+            raise ConfigError(f"position must be 'original' or 'compact', got {position!r}")
+        renumbered = copy.copy(self)
+        renumbered.position = position
+        return renumbered
 
     @abstractmethod
     def reduce(self, image: ImageContext) -> Selection:

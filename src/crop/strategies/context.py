@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from crop.adapter import ModelAdapter, VisionCrops, VisualLayout, pool_rows, question_weights
-from crop.errors import ConfigError
+from crop.errors import ConfigError, UnsupportedModelError
 from crop.region import Region, Viewport
 from crop.strategies.base import Selection
 from crop.strategies.grids import GridSelect, select_for_layout
@@ -29,7 +29,7 @@ class CallContext:
 
     def __init__(
         self,
-        adapter: ModelAdapter,
+        adapter: ModelAdapter | None,
         inputs: dict[str, Any],
         layouts: list[VisualLayout],
         viewports: list[Viewport],
@@ -46,6 +46,21 @@ class CallContext:
         self._side: list[torch.Tensor] | None = None
         self._vision: list[VisionCrops] | None = None
         self._masks: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def of_features(
+        cls,
+        features: list[torch.Tensor],
+        layouts: list[VisualLayout],
+        regions: list[Region | None],
+        questions: list[str] | None = None,
+    ) -> CallContext:
+        """A call whose images' projected tokens were computed elsewhere (a serving engine's encoder): methods that
+        read the features, the region and the question run on it; those that read the vision tower's internals are
+        refused."""
+        call = cls(None, {}, layouts, [Viewport()] * len(layouts), regions, questions)
+        call._features = list(features)
+        return call
 
     @property
     def batch(self) -> int:
@@ -70,6 +85,11 @@ class CallContext:
 
     def vision(self, row: int) -> VisionCrops:
         """Row `row`'s crops as the vision tower saw them (its feature layer's states, CLS attention, keys)."""
+        if self.adapter is None:
+            raise UnsupportedModelError(
+                "this method reads the vision tower's internals (its CLS attention or feature-layer states), which a "
+                "call on precomputed features does not have; use pool, random, divprune or crop"
+            )
         if self._vision is None:
             self._vision = self.adapter.vision_crops(self.inputs)
         return self._vision[row]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from crop.errors import ConfigError, UnsupportedModelError
@@ -49,6 +51,12 @@ class CROP(Method):
 
     def parts(self) -> tuple[PreLLMMethod | None, InLLMMethod | None]:
         return self.before, self.inside
+
+    def with_position(self, position: str) -> CROP:
+        renumbered = copy.copy(self)
+        if self.before is not None:
+            renumbered.before = self.before.with_position(position)
+        return renumbered
 
     def validate(self, num_layers: int, grid_tokens: int | None) -> None:
         if self.ilp is not None:

@@ -1,0 +1,156 @@
+"""What a serving engine needs to prune images before the LLM with crop's methods, independent of the engine: the
+settings (which method, its budget), the region a request names, how many tokens an image will get (the engine
+reserves its placeholders before the encoder runs) and the tokens themselves, from the encoder's output.
+
+Only methods acting wholly before the LLM fit an engine that gives every sequence one KV length across layers;
+those that prune inside the LLM are refused with the reason. Methods that read the vision tower's internals
+(VisionZip, HoloV) or a text tower (CDPruner) need more than the projected tokens and are refused too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from crop.adapter import VisualLayout
+from crop.errors import ConfigError
+from crop.region import Region
+from crop.strategies.base import PreLLMMethod
+from crop.strategies.context import CallContext
+from crop.strategies.registry import METHODS, build_method
+
+SETTINGS_KEY = "crop"
+"""The model config key (`hf_overrides`) that holds the plugin's settings."""
+REGION_KWARG = "crop_region"
+"""A request's region as a box on the 8x8 grid, `[xmin, ymin, xmax, ymax]` (blocks, inclusive)."""
+BOX_KWARG = "crop_box"
+"""A request's region as a box in image fractions, `[x0, y0, x1, y1]` in [0, 1]."""
+FEATURES_ONLY = ("pool", "random", "divprune", "crop")
+"""Methods that need nothing beyond the projected visual tokens, the region and the budget."""
+ACCEPTED_KEYS = ("method", "budget", "layer", "plc_ratio", "seed")
+
+
+@dataclass(frozen=True)
+class PruningSettings:
+    """The plugin's settings, read from the model config's `crop` entry."""
+
+    method: str
+    budget: int | None = None
+    layer: int = 0
+    plc_ratio: int | None = None
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, entry: Any) -> PruningSettings:
+        """Settings from the config's `crop` entry (a mapping), refusing what cannot run before the LLM."""
+        if not isinstance(entry, Mapping):
+            raise ConfigError(
+                f"the model config's {SETTINGS_KEY!r} entry must be a mapping like "
+                f'{{"method": "divprune", "budget": 64}}, got {entry!r}'
+            )
+        unknown = sorted(set(entry) - set(ACCEPTED_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown crop settings {unknown}; accepted: {list(ACCEPTED_KEYS)}")
+        if "method" not in entry:
+            raise ConfigError(f"crop settings need a method, one of {list(FEATURES_ONLY)}")
+        settings = cls(**dict(entry))
+        settings.method_object()
+        return settings
+
+    def method_object(self) -> PreLLMMethod:
+        """The crop method these settings name, numbered consecutively (the engine numbers its prompts so)."""
+        name = self.method
+        if name == "full":
+            raise ConfigError("method 'full' prunes nothing: leave the crop architecture out to serve vLLM's own model")
+        if name not in FEATURES_ONLY:
+            if name in METHODS and METHODS[name].acts.startswith("inside"):
+                raise ConfigError(
+                    f"method {name!r} prunes inside the LLM, which vLLM cannot run: its paged KV cache holds one "
+                    f"length per sequence for every layer, and in-LLM pruning shortens later layers only. Methods "
+                    f"that act before the LLM: {list(FEATURES_ONLY)}"
+                )
+            if name in METHODS:
+                raise ConfigError(
+                    f"method {name!r} reads more than the projected visual tokens (the vision tower's internals or "
+                    f"a text tower), which the engine's encoder does not return; supported: {list(FEATURES_ONLY)}"
+                )
+            raise ConfigError(f"unknown method {name!r}; supported in vLLM: {list(FEATURES_ONLY)}")
+        if name == "crop" and self.layer > 0:
+            raise ConfigError(
+                f"crop with ILP at layer K = {self.layer} prunes inside the LLM, which vLLM cannot run (one KV "
+                "length per sequence for every layer); use layer 0 (the region's tokens, or a budget of them, "
+                "before the LLM) or layer -1 with plc_ratio (pooling PLC)"
+            )
+        if name == "crop" and self.layer < 0 and not self.plc_ratio:
+            raise ConfigError("crop without ILP (layer < 0) needs plc_ratio: otherwise nothing is pruned")
+        method = build_method(name, budget=self.budget, layer=self.layer, plc_ratio=self.plc_ratio, seed=self.seed)
+        before, inside = method.parts()
+        if before is None or inside is not None:
+            raise ConfigError(f"{method.describe()} does not act wholly before the LLM")
+        return method.with_position("compact").parts()[0]
+
+
+def request_region(kwargs: Mapping[str, Any]) -> Region | None:
+    """The region a request names in its processor kwargs (`crop_region` or `crop_box`), or None."""
+    grid, box = kwargs.get(REGION_KWARG), kwargs.get(BOX_KWARG)
+    if grid is not None and box is not None:
+        raise ConfigError(f"give either {REGION_KWARG} (a grid box) or {BOX_KWARG} (image fractions), not both")
+    if grid is not None:
+        return Region.from_grid(_four_numbers(REGION_KWARG, grid))
+    if box is not None:
+        return Region(*_four_numbers(BOX_KWARG, box))
+    return None
+
+
+def _four_numbers(name: str, value: Any) -> list:
+    if not isinstance(value, (list, tuple)) or len(value) != 4:
+        raise ConfigError(f"{name} must be a list of four numbers [x0, y0, x1, y1], got {value!r}")
+    return list(value)
+
+
+class FeaturePruner:
+    """One method applied to images whose projected tokens an engine's encoder computed."""
+
+    def __init__(self, settings: PruningSettings, num_layers: int) -> None:
+        self.settings = settings
+        self.method = settings.method_object().bind(num_layers)
+        self.num_layers = num_layers
+
+    @property
+    def needs_region(self) -> bool:
+        return self.method.needs_region
+
+    def check_layout(self, layout: VisualLayout) -> None:
+        """Refuse a budget larger than the image's tokens (at start-up, for families with one grid size)."""
+        self.method.validate(self.num_layers, layout.rows * layout.cols)
+
+    def check(self, layout: VisualLayout, region: Region | None) -> None:
+        """Refuse a budget larger than the image's tokens, or a missing region for a method that needs one."""
+        self.check_layout(layout)
+        if self.needs_region and region is None:
+            raise ConfigError(
+                f"{self.method.describe()} needs the contextual region: pass mm_processor_kwargs "
+                f"{{{REGION_KWARG!r}: [xmin, ymin, xmax, ymax]}} (8x8 grid blocks) or {{{BOX_KWARG!r}: [x0, y0, x1, "
+                "y1]}} (image fractions) with the request"
+            )
+
+    def count(self, layout: VisualLayout, region: Region | None) -> int:
+        """How many tokens an image with this layout and region gets (leading tokens included): the method run
+        on stand-in features, since every supported method's count depends on the geometry and budget only."""
+        self.check(layout, region)
+        stand_in = torch.randn(layout.num_tokens, 4, generator=torch.Generator().manual_seed(0))
+        return self.reduce(stand_in, layout, region).shape[0]
+
+    def reduce(self, features: torch.Tensor, layout: VisualLayout, region: Region | None) -> torch.Tensor:
+        """The tokens the LLM gets for one image `(kept, dim)` from its projected tokens `(tokens, dim)`."""
+        self.check(layout, region)
+        if features.shape[0] != layout.num_tokens:
+            raise ConfigError(f"expected {layout.num_tokens} visual tokens for this image, got {features.shape[0]}")
+        call = CallContext.of_features([features], [layout], [region])
+        compressed = self.method.reduce(call.image(0)).compressed
+        assert compressed is not None, "a pre-LLM method returns the tokens that replace the grid"
+        kept = compressed.features.to(features.dtype)
+        return torch.cat([features[: layout.leading], kept]) if layout.leading else kept

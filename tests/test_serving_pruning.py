@@ -1,0 +1,108 @@
+"""The engine-independent half of the vLLM plugin (`crop.serving.pruning`): the tokens it hands an engine for an
+image, fed to the unmodified LLaVA as a consecutively numbered prompt (what vLLM computes), equal crop's own pruned
+call with compact positions; its counts equal what it returns; bad settings and regions are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import batch_inputs, on_grid
+
+import crop
+from crop.adapter import VisualLayout
+from crop.errors import ConfigError, RegionError
+from crop.region import Region
+from crop.serving.pruning import FeaturePruner, PruningSettings, request_region
+
+SETTINGS = [
+    {"method": "pool", "budget": 16},
+    {"method": "random", "budget": 20, "seed": 3},
+    {"method": "divprune", "budget": 24},
+    {"method": "crop", "budget": 20},
+    {"method": "crop"},
+    {"method": "crop", "layer": -1, "plc_ratio": 2},
+]
+REGIONS = [Region.from_grid([2, 2, 5, 5]), Region.from_grid([0, 0, 3, 7]), Region.from_grid([6, 6, 7, 7])]
+
+
+def engine_logits(model, ids: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The last position's logits for `ids` whose image placeholders are replaced by `kept`, numbered 0..n-1."""
+    placeholders = (ids == model.config.image_token_id).nonzero().squeeze(1)
+    start, end = int(placeholders[0]), int(placeholders[-1]) + 1
+    embed = model.get_input_embeddings()
+    embeds = torch.cat([embed(ids[:start]), kept, embed(ids[end:])])[None]
+    positions = torch.arange(embeds.shape[1])[None]
+    with torch.no_grad():
+        return model(inputs_embeds=embeds, position_ids=positions, attention_mask=torch.ones_like(positions)).logits[
+            0, -1
+        ]
+
+
+@pytest.mark.parametrize("entry", SETTINGS, ids=lambda e: "-".join(str(v) for v in e.values()))
+def test_the_engine_prompt_equals_crops_compact_call(sdpa_model, processor, entry):
+    settings = PruningSettings.from_config(entry)
+    pruner = FeaturePruner(settings, sdpa_model.config.text_config.num_hidden_layers)
+    inputs = batch_inputs(processor, 3)
+    pruned = crop.apply(sdpa_model, processor, method=settings.method_object())
+    try:
+        output, stats = pruned(**inputs, **on_grid(REGIONS))
+    finally:
+        pruned.remove()
+    side = sdpa_model.config.vision_config.image_size // sdpa_model.config.vision_config.patch_size
+    layout = VisualLayout(rows=side, cols=side)
+    for row in range(3):
+        with torch.no_grad():
+            image = sdpa_model.model.get_image_features(pixel_values=inputs["pixel_values"][row : row + 1])
+        features = image.pooler_output[0] if hasattr(image, "pooler_output") else image[0]
+        if settings.method == "random":  # crop's batch call draws row r with seed + r, an engine every image with seed
+            pruner = FeaturePruner(dataclasses.replace(settings, seed=settings.seed + row), pruner.num_layers)
+        kept = pruner.reduce(features, layout, REGIONS[row])
+        assert kept.shape[0] == pruner.count(layout, REGIONS[row]) == stats.rows[row].llm_input_tokens
+        ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
+        torch.testing.assert_close(output.logits[row, -1], engine_logits(sdpa_model, ids, kept), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [
+        ({"method": "fastv", "budget": 8}, "prunes inside the LLM"),
+        ({"method": "sparsevlm", "budget": 8}, "prunes inside the LLM"),
+        ({"method": "crop", "layer": 2}, "layer K = 2 prunes inside the LLM"),
+        ({"method": "visionzip", "budget": 8}, "reads more than the projected visual tokens"),
+        ({"method": "full"}, "prunes nothing"),
+        ({"method": "nope", "budget": 8}, "unknown method 'nope'"),
+        ({"method": "pool", "budget": 8, "ratio": 2}, "unknown crop settings ['ratio']"),
+        ({"budget": 8}, "need a method"),
+        ("divprune", "must be a mapping"),
+        ({"method": "crop", "layer": -1}, "needs plc_ratio"),
+        ({"method": "pool"}, "needs a budget"),
+    ],
+)
+def test_settings_that_cannot_run_before_the_llm_are_refused(entry, says):
+    with pytest.raises(ConfigError) as error:
+        PruningSettings.from_config(entry)
+    assert says in str(error.value)
+
+
+def test_a_budget_above_the_tokens_and_a_missing_region_are_refused():
+    layout = VisualLayout(rows=6, cols=6)
+    with pytest.raises(ConfigError, match="budget"):
+        FeaturePruner(PruningSettings("pool", budget=40), 4).count(layout, None)
+    with pytest.raises(ConfigError, match="needs the contextual region: pass mm_processor_kwargs"):
+        FeaturePruner(PruningSettings("crop", budget=10), 4).count(layout, None)
+    with pytest.raises(ConfigError, match="expected 36 visual tokens"):
+        FeaturePruner(PruningSettings("pool", budget=9), 4).reduce(torch.zeros(30, 8), layout, None)
+
+
+def test_request_regions():
+    assert request_region({}) is None
+    assert request_region({"crop_region": [2, 2, 5, 5]}) == Region.from_grid([2, 2, 5, 5])
+    assert request_region({"crop_box": [0.1, 0.2, 0.5, 0.9]}) == Region(0.1, 0.2, 0.5, 0.9)
+    with pytest.raises(RegionError):
+        request_region({"crop_region": [2, 2, 9, 5]})
+    with pytest.raises(ConfigError, match="not both"):
+        request_region({"crop_region": [2, 2, 5, 5], "crop_box": [0, 0, 1, 1]})
+    with pytest.raises(ConfigError, match="four numbers"):
+        request_region({"crop_box": [0, 0, 1]})
