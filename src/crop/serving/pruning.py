@@ -20,6 +20,7 @@ from crop.errors import ConfigError
 from crop.region import Region
 from crop.strategies.base import PreLLMMethod
 from crop.strategies.context import CallContext
+from crop.strategies.plc import Compressed
 from crop.strategies.registry import METHODS, build_method
 
 SETTINGS_KEY = "crop"
@@ -138,19 +139,26 @@ class FeaturePruner:
             )
 
     def count(self, layout: VisualLayout, region: Region | None) -> int:
-        """How many tokens an image with this layout and region gets (leading tokens included): the method run
-        on stand-in features, since every supported method's count depends on the geometry and budget only."""
-        self.check(layout, region)
+        """How many tokens an image with this layout and region gets (leading tokens included)."""
+        return layout.leading + self.cells(layout, region).numel()
+
+    def cells(self, layout: VisualLayout, region: Region | None) -> torch.Tensor:
+        """The grid cell each kept token stands for (a pooled window: its first cell), in prompt order: the method
+        run on stand-in features, since every supported method's count depends on the geometry and budget only
+        (and, for `pool`, `random` and `crop`, its cells too: DivPrune's depend on the features)."""
         stand_in = torch.randn(layout.num_tokens, 4, generator=torch.Generator().manual_seed(0))
-        return self.reduce(stand_in, layout, region).shape[0]
+        return self._compressed(stand_in, layout, region).first_cell.cpu()
 
     def reduce(self, features: torch.Tensor, layout: VisualLayout, region: Region | None) -> torch.Tensor:
         """The tokens the LLM gets for one image `(kept, dim)` from its projected tokens `(tokens, dim)`."""
+        kept = self._compressed(features, layout, region).features.to(features.dtype)
+        return torch.cat([features[: layout.leading], kept]) if layout.leading else kept
+
+    def _compressed(self, features: torch.Tensor, layout: VisualLayout, region: Region | None) -> Compressed:
         self.check(layout, region)
         if features.shape[0] != layout.num_tokens:
             raise ConfigError(f"expected {layout.num_tokens} visual tokens for this image, got {features.shape[0]}")
         call = CallContext.of_features([features], [layout], [region])
         compressed = self.method.reduce(call.image(0)).compressed
         assert compressed is not None, "a pre-LLM method returns the tokens that replace the grid"
-        kept = compressed.features.to(features.dtype)
-        return torch.cat([features[: layout.leading], kept]) if layout.leading else kept
+        return compressed

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 ARCHITECTURES = {
     "CropLlavaForConditionalGeneration": "crop.serving.vllm_llava:CropLlavaForConditionalGeneration",
+    "CropQwen2_5_VLForConditionalGeneration": "crop.serving.vllm_qwen2_5_vl:CropQwen2_5_VLForConditionalGeneration",
 }
 """Architecture name -> `module:class`, imported by vLLM when a model asks for it."""
 
