@@ -116,7 +116,8 @@ def main() -> None:
         for name in args.configs:
             rows[name] = measure(checkpoint, CONFIGS[name], batch, args)
             print(name, {k: v for k, v in rows[name].items() if k != "rounds"}, flush=True)
-    report = {"command": "python benchmarks/vllm_serving.py " + " ".join(sys.argv[1:]), "model": args.model, "llm_layers": args.llm_layers if args.model != "synth" else None,
+    command = "python benchmarks/vllm_serving.py " + " ".join(sys.argv[1:])
+    report = {"command": command, "model": args.model, "llm_layers": args.llm_layers if args.model != "synth" else None,
               "dtype": args.dtype, "requests": args.requests, "new_tokens": args.new_tokens,
               "repeats": args.repeats, "region": REGION, "rows": rows}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)

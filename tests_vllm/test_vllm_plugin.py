@@ -36,24 +36,18 @@ def vllm_answers(llm: LLM, hf_model, samples, with_regions: bool) -> list[tuple[
     return [(list(output.outputs[0].token_ids), len(output.prompt_token_ids)) for output in outputs]
 
 
-@pytest.mark.parametrize("settings", SETTINGS, ids=lambda e: "-".join(str(v) for v in e.values()))
-def test_vllm_with_the_plugin_answers_as_crop_does(checkpoint, hf_model, samples, settings):
+def setting_id(entry: dict | None) -> str:
+    return "plugin-off" if entry is None else "-".join(str(v) for v in entry.values())
+
+
+@pytest.mark.parametrize("settings", [None, *SETTINGS], ids=setting_id)
+def test_vllm_answers_as_crop_does(checkpoint, hf_model, samples, settings):
+    """With the plugin (a crop architecture), vLLM answers as crop's pruned generate; without it, as the model."""
     llm = engine(checkpoint, settings)
     try:
-        got = vllm_answers(llm, hf_model, samples, with_regions=True)
+        got = vllm_answers(llm, hf_model, samples, with_regions=settings is not None)
     finally:
         del llm
-    expected = crop_answers(hf_model, samples, settings)
-    assert got == expected
-    assert all(tokens < 256 for _, tokens in got), "every image keeps fewer than its 256 tokens"
-
-
-def test_without_the_plugin_vllm_answers_as_the_unpruned_model(checkpoint, hf_model, samples):
-    llm = engine(checkpoint, None)
-    try:
-        got = vllm_answers(llm, hf_model, samples, with_regions=False)
-    finally:
-        del llm
-    expected = crop_answers(hf_model, samples, None)
-    assert got == expected
-    assert all(tokens > 256 for _, tokens in got)
+    assert got == crop_answers(hf_model, samples, settings)
+    pruned = [tokens < 256 for _, tokens in got]
+    assert all(pruned) if settings is not None else not any(pruned), "pruned: fewer than the image's 256 tokens"

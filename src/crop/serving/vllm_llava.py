@@ -7,10 +7,8 @@ positions. Everything else (tower, projector, LLM, cache) is vLLM's, unchanged.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
-from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -25,13 +23,10 @@ from vllm.model_executor.models.llava import (
     LlavaProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import MultiModalDataItems
-from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from crop.adapter import VisualLayout
-from crop.serving.pruning import BOX_KWARG, REGION_KWARG, FeaturePruner, request_region
-from crop.serving.vllm_common import BOX_FIELD, box_tensor, pruner_for, region_of_box
+from crop.serving.pruning import FeaturePruner
+from crop.serving.vllm_common import BOX_FIELD, RegionProcessorMixin, pruner_for, region_of_box
 
 ARCHITECTURE = "CropLlavaForConditionalGeneration"
 
@@ -57,45 +52,18 @@ class CropLlavaProcessingInfo(LlavaProcessingInfo):
         return super().get_max_image_tokens()
 
 
-class CropLlavaMultiModalProcessor(LlavaMultiModalProcessor):
+class CropLlavaMultiModalProcessor(RegionProcessorMixin, LlavaMultiModalProcessor):
     """LLaVA's processor, with the request's region passed to the model and the pruned count of placeholders."""
 
-    def get_dummy_inputs(self, seq_len, mm_counts, mm_options):
-        """vLLM's profiling inputs, with the whole image as region for the methods that need one."""
-        inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
-        return dataclasses.replace(inputs, hf_processor_mm_kwargs={BOX_KWARG: [0.0, 0.0, 1.0, 1.0]})
-
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        own = {key: hf_kwargs[key] for key in (REGION_KWARG, BOX_KWARG) if key in hf_kwargs}
-        rest = {key: value for key, value in hf_kwargs.items() if key not in own}
-        processed = super()._call_hf_processor(hf_data, rest)
+    def image_layouts(self, processed: BatchFeature) -> list[VisualLayout]:
         images = processed["pixel_values"].shape[0] if "pixel_values" in processed else 0
-        if images:
-            region = request_region(own)
-            self.info.pruner.check(self.info.layout, region)
-            processed[BOX_FIELD] = box_tensor(region, images)
-        return processed
+        return [self.info.layout] * images
 
-    def _get_mm_fields_config(
-        self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
-    ) -> Mapping[str, MultiModalFieldConfig]:
-        return {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
-                BOX_FIELD: MultiModalFieldConfig.batched("image")}  # fmt: skip
+    def item_layout(self, item) -> VisualLayout:
+        return self.info.layout
 
-    def _get_prompt_updates(
-        self,
-        mm_items: MultiModalDataItems,
-        hf_processor_mm_kwargs: Mapping[str, object],
-        out_mm_kwargs: MultiModalKwargsItems,
-    ) -> Sequence[PromptUpdate]:
-        image_token_id = self.info.get_hf_config().image_token_index
-
-        def replacement(item_idx: int) -> list[int]:
-            box = out_mm_kwargs["image"][item_idx][BOX_FIELD].data
-            count = self.info.pruner.count(self.info.layout, region_of_box(box))
-            return [image_token_id] * count
-
-        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+    def image_token_id(self) -> int:
+        return self.info.get_hf_config().image_token_index
 
 
 @MULTIMODAL_REGISTRY.register_processor(

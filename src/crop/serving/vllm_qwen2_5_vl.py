@@ -12,8 +12,6 @@ is refused on this family. Images only: a video input is refused.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping, Sequence
 from functools import cached_property
 
 import numpy as np
@@ -28,14 +26,12 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import MultiModalDataItems
-from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+from vllm.multimodal.inputs import MultiModalFeatureSpec
 
 from crop.adapter import VisualLayout
 from crop.errors import ConfigError, UnsupportedModelError
-from crop.serving.pruning import BOX_KWARG, REGION_KWARG, FeaturePruner, request_region
-from crop.serving.vllm_common import BOX_FIELD, box_tensor, pruner_for, region_of_box
+from crop.serving.pruning import FeaturePruner
+from crop.serving.vllm_common import BOX_FIELD, RegionProcessorMixin, pruner_for, region_of_box
 
 ARCHITECTURE = "CropQwen2_5_VLForConditionalGeneration"
 FEATURE_DEPENDENT = ("divprune",)
@@ -76,49 +72,20 @@ class CropQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
         return super().get_max_image_tokens()
 
 
-class CropQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
+class CropQwen2_5_VLMultiModalProcessor(RegionProcessorMixin, Qwen2_5_VLMultiModalProcessor):
     """Qwen2.5-VL's processor, with the request's region passed to the model and the pruned count of placeholders."""
 
-    def get_dummy_inputs(self, seq_len, mm_counts, mm_options):
-        """vLLM's profiling inputs, with the whole image as region for the methods that need one."""
-        inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
-        return dataclasses.replace(inputs, hf_processor_mm_kwargs={BOX_KWARG: [0.0, 0.0, 1.0, 1.0]})
-
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        own = {key: hf_kwargs[key] for key in (REGION_KWARG, BOX_KWARG) if key in hf_kwargs}
-        rest = {key: value for key, value in hf_kwargs.items() if key not in own}
-        processed = super()._call_hf_processor(hf_data, rest)
+    def image_layouts(self, processed: BatchFeature) -> list[VisualLayout]:
         if "pixel_values_videos" in processed:
             raise UnsupportedModelError("crop's vLLM plugin prunes images, not videos: send images only")
         grids = processed.get("image_grid_thw")
-        if grids is not None and len(grids):
-            region = request_region(own)
-            for grid in grids:
-                self.info.pruner.check(grid_layout(grid, self.info.merge), region)
-            processed[BOX_FIELD] = box_tensor(region, len(grids))
-        return processed
+        return [] if grids is None else [grid_layout(grid, self.info.merge) for grid in grids]
 
-    def _get_mm_fields_config(
-        self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
-    ) -> Mapping[str, MultiModalFieldConfig]:
-        return {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
-                BOX_FIELD: MultiModalFieldConfig.batched("image")}  # fmt: skip
+    def item_layout(self, item) -> VisualLayout:
+        return grid_layout(item["image_grid_thw"].data, self.info.merge)
 
-    def _get_prompt_updates(
-        self,
-        mm_items: MultiModalDataItems,
-        hf_processor_mm_kwargs: Mapping[str, object],
-        out_mm_kwargs: MultiModalKwargsItems,
-    ) -> Sequence[PromptUpdate]:
-        vocab = self.info.get_tokenizer().get_vocab()
-        image_token = vocab[self.info.get_hf_processor().image_token]
-
-        def replacement(item_idx: int) -> list[int]:
-            item = out_mm_kwargs["image"][item_idx]
-            layout = grid_layout(item["image_grid_thw"].data, self.info.merge)
-            return [image_token] * self.info.pruner.count(layout, region_of_box(item[BOX_FIELD].data))
-
-        return [PromptReplacement(modality="image", target=[image_token], replacement=replacement)]
+    def image_token_id(self) -> int:
+        return self.info.get_tokenizer().get_vocab()[self.info.get_hf_processor().image_token]
 
 
 @MULTIMODAL_REGISTRY.register_processor(
