@@ -129,7 +129,11 @@ class FeaturePruner:
 
     def check_layout(self, layout: VisualLayout) -> None:
         """Refuse a budget larger than the image's tokens (at start-up, for families with one grid size)."""
-        self.method.validate(self.num_layers, layout.rows * layout.cols)
+        self.check_tokens(layout.rows * layout.cols)
+
+    def check_tokens(self, grid_tokens: int) -> None:
+        """Refuse a budget larger than `grid_tokens` (at start-up: the largest grid a family's images can have)."""
+        self.method.validate(self.num_layers, grid_tokens)
 
     def check(self, layout: VisualLayout, region: Region | None) -> None:
         """Refuse a budget larger than the image's tokens, or a missing region for a method that needs one."""

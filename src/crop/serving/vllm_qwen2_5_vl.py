@@ -67,9 +67,11 @@ class CropQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
         return self.get_hf_config().vision_config.spatial_merge_size
 
     def get_max_image_tokens(self) -> int:
-        """vLLM's count (the unpruned grid, an upper bound), asked when the engine starts: bad settings fail there."""
-        assert self.pruner is not None
-        return super().get_max_image_tokens()
+        """vLLM's count (the largest unpruned grid), asked when the engine starts: bad settings, and a budget above
+        any image's tokens, fail there."""
+        tokens = super().get_max_image_tokens()
+        self.pruner.check_tokens(tokens)
+        return tokens
 
 
 class CropQwen2_5_VLMultiModalProcessor(RegionProcessorMixin, Qwen2_5_VLMultiModalProcessor):
