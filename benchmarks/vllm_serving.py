@@ -25,7 +25,7 @@ from pathlib import Path
 from vllm import LLM, SamplingParams
 
 from crop.serving.vllm_llava import ARCHITECTURE, save_for_vllm
-from crop.synth.assets import SHIPPED_MODEL
+from crop.synth.assets import SHIPPED_MODEL, model_task
 from crop.synth.scene import make_sample
 
 CONFIGS = {
@@ -60,7 +60,7 @@ def requests(count: int, question_prompt: str | None) -> list[dict]:
     """`count` requests with different images from the synthetic test split, each with the same region."""
     out = []
     for index in range(count):
-        sample = make_sample("test", index)
+        sample = make_sample("test", index, model_task(SHIPPED_MODEL))
         prompt = question_prompt or f"USER: <image>\n{sample.question} ASSISTANT:"
         out.append({"prompt": prompt, "multi_modal_data": {"image": sample.image},
                     "mm_processor_kwargs": {"crop_region": REGION}})  # fmt: skip

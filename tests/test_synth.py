@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from crop.strategies.learned_plc import LearnedPLC
+from crop.synth.document import COLUMN_LABELS, ROW_LABELS
 from crop.synth.model import build_synth_processor
 from crop.synth.scene import COLOURS, IMAGE_SIZE, PATCH, make_sample, patch_labels
-from crop.synth.train import TrainConfig, Trainer, pixel_values
+from crop.synth.train import TrainConfig, Trainer, pixel_values, shared_prefix_length
 
 
 def test_samples_are_reproducible_and_splits_differ():
@@ -20,14 +22,40 @@ def test_samples_are_reproducible_and_splits_differ():
     assert make_sample("train", 5).objects != a.objects
 
 
-def test_kind_shares_are_exact():
-    kinds = [make_sample("val", i).kind for i in range(100)]
-    assert (kinds.count("detail"), kinds.count("object"), kinds.count("wide")) == (40, 30, 30)
+def test_kind_shares_are_exact_per_task():
+    shapes = [make_sample("val", i, "shapes").kind for i in range(100)]
+    assert (shapes.count("detail"), shapes.count("object"), shapes.count("wide")) == (40, 30, 30)
+    documents = [make_sample("val", i, "documents").kind for i in range(100)]
+    assert [documents.count(kind) for kind in ("detail", "object", "wide", "document")] == [30, 20, 20, 30]
+    with pytest.raises(ValueError, match="unknown synthetic task 'tables'.*documents"):
+        make_sample("val", 0, "tables")
+
+
+def test_document_answers_regions_and_labels_match_the_table():
+    samples = [make_sample("test", i, "documents") for i in range(100)]
+    documents = [s for s in samples if s.kind == "document"]
+    assert len(documents) == 30 and len({s.question for s in documents}) > 20
+    for sample in documents:
+        table = sample.document
+        words = sample.question.split()  # what is in row R column C ?
+        row, column = table.rows.index(words[4]), table.columns.index(words[6])
+        assert sample.answer == table.digits[row][column]
+        assert sample.region.to_grid() == (column + 1, row + 1, column + 1, row + 1)
+        labels = patch_labels([], table)
+        glyph_row, glyph_col = 2 * (row + 1), 2 * (column + 1)  # the digit fills the block's top-left patch
+        assert labels["digit"][glyph_row, glyph_col] == int(sample.answer) + 1
+        assert labels["digit"][glyph_row + 1, glyph_col + 1] == 0
+        assert labels["row"][glyph_row + 1, glyph_col + 1] == ROW_LABELS.index(words[4]) + 1
+        assert labels["column"][glyph_row, glyph_col] == COLUMN_LABELS.index(words[6]) + 1
+        assert labels["row"][0, 0] == labels["column"][0, 0] == labels["colour"].max() == 0
+        pixels = np.asarray(sample.image.convert("L"))
+        block = pixels[28 * (row + 1) : 28 * (row + 2), 28 * (column + 1) : 28 * (column + 2)]
+        assert block[:14, :14].min() < 100 and block[14:27, 14:27].min() > 200  # ink only in the glyph patch
 
 
 def test_answers_and_regions_match_the_scene():
     for index in range(60):
-        sample = make_sample("test", index)
+        sample = make_sample("test", index, "shapes")
         colours = {obj.colour: obj for obj in sample.objects}
         words = sample.question.split()
         if sample.kind == "wide":
@@ -42,6 +70,27 @@ def test_answers_and_regions_match_the_scene():
         tag_col, tag_row = target.tag_box[0] // PATCH, target.tag_box[1] // PATCH
         if sample.kind == "detail":
             assert labels["digit"][tag_row, tag_col] == int(sample.answer) + 1
+
+
+@pytest.mark.parametrize("grounding", [0.0, 0.5])
+def test_shared_prefix_training_equals_running_every_prompt_whole(tmp_path, grounding):
+    config = TrainConfig(grounding_weight=grounding, text_layers=2, images_per_step=3, questions_per_image=3)
+    trainer = Trainer(tmp_path, config)
+    batch = trainer._batch(5, with_questions=True)
+    assert len(set(batch.kinds)) > 1
+    trainer.model.eval()
+    with torch.no_grad():
+        features = trainer._features(batch.pixel_values)
+        prefix = shared_prefix_length(batch.input_ids, trainer.image_token)
+        assert prefix == 2 + 256  # USER : and the visual tokens
+        whole_logits, whole_attentions = trainer._full_forward(batch, features)
+        logits, attentions = trainer._shared_prefix_forward(batch, features, prefix)
+    torch.testing.assert_close(logits, whole_logits[:, prefix:], atol=1e-5, rtol=1e-4)
+    if grounding:
+        torch.testing.assert_close(attentions[1], whole_attentions[1][:, :, prefix:], atol=1e-6, rtol=1e-4)
+    different = batch.input_ids.clone()
+    different[0, 0] = trainer.tokenizer.pad_token_id
+    assert shared_prefix_length(different, trainer.image_token) == 0
 
 
 def test_training_pixels_equal_the_processor():

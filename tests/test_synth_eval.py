@@ -8,7 +8,9 @@ import pytest
 
 from crop.region import Region, grid_iou
 from crop.strategies.learned_plc import LearnedPLC, LearnedPLCConfig
-from crop.synth.evaluate import evaluate, markdown_table, wilson
+from crop.strategies.registry import table_methods
+from crop.synth.analysis import matched_budget, paired_bootstrap
+from crop.synth.evaluate import BUDGET_METHODS, evaluate, markdown_table, wilson
 from crop.synth.model import build_synth_model, build_synth_processor
 
 
@@ -16,6 +18,32 @@ def test_wilson_interval():
     low, high = wilson(85, 100)
     assert low == pytest.approx(0.767, abs=1e-3) and high == pytest.approx(0.907, abs=1e-3)
     assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+
+
+def test_matched_budget_bisects_to_the_closest_average():
+    measured = []
+
+    def measure(budget: int) -> float:
+        measured.append(budget)
+        return 64 + 0.75 * budget  # an in-LLM method at K = 2 of 8 layers over 256 tokens
+
+    every = range(1, 257)
+    assert matched_budget(measure, 85.0, every) == (28, 85.0)
+    assert len(measured) == len(set(measured)) <= 10
+    assert matched_budget(lambda b: 64 + 0.75 * b, 30.0, every) == (1, 64.75)  # below what the method can reach
+    assert matched_budget(lambda b: int(b**0.5) ** 2, 128.0, every)[1] == 121  # pooling: 121 < 128 < 144
+    assert matched_budget(lambda b: 64 + 0.75 * b, 100.0, [28, 43, 57, 85]) == (43, 96.25)  # tabulated budgets
+
+
+def test_paired_bootstrap_interval():
+    first = [1] * 60 + [0] * 40
+    same = paired_bootstrap(first, first)
+    assert same == {"difference": 0.0, "low": 0.0, "high": 0.0}
+    better = paired_bootstrap(first, [1] * 40 + [0] * 60)
+    assert better["difference"] == pytest.approx(0.2) and 0.1 < better["low"] < 0.2 < better["high"] < 0.3
+    assert paired_bootstrap(first, first[::-1], seed=1)["low"] < 0 < paired_bootstrap(first, first[::-1])["high"]
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        paired_bootstrap([1, 0], [1])
 
 
 def test_grid_iou():
@@ -28,14 +56,15 @@ def test_grid_iou():
 @pytest.mark.slow
 def test_evaluation_runs_and_counts_tokens(tmp_path):
     model_dir = tmp_path / "model"
-    build_synth_model(attn_implementation="sdpa").save_pretrained(model_dir)
+    build_synth_model(attn_implementation="sdpa", text_layers=4).save_pretrained(model_dir)
     build_synth_processor().save_pretrained(model_dir)
     LearnedPLC(LearnedPLCConfig(hidden_size=192, rows=16, cols=16)).save_pretrained(model_dir)
     out = tmp_path / "eval.json"
-    results = evaluate(model_dir, count=10, batch_size=10, out=out, plot=tmp_path / "plot.png", cost_samples=1)
+    plot = tmp_path / "plot.png"
+    results = evaluate(model_dir, count=10, batch_size=10, out=out, plot=plot, cost_samples=1, probe_samples=2)
     assert json.loads(out.read_text())["samples"] == 10
     assert (tmp_path / "plot.png").stat().st_size > 0
-    kept = {(row["name"], row["budget"]): row["kept_tokens"] for row in results["variants"]}
+    kept = {(r["name"], r["budget"]): r["kept_tokens"] for r in results["variants"] if r["table"] == "final"}
     assert kept[("full", "all")] == 256
     assert [kept[("random", b)] for b in ("1/3", "2/9", "1/9")] == [85, 57, 28]
     assert [kept[("crop-ilp-budget", b)] for b in ("1/3", "2/9", "1/9")] == [85, 57, 28]
@@ -50,4 +79,20 @@ def test_evaluation_runs_and_counts_tokens(tmp_path):
     oracle = [r for r in results["variants"] if r["name"] == "crop-plc-learned" and r["region"] == "oracle"]
     assert oracle[0]["kept_tokens"] == pytest.approx(0.7 * (8 + 4 + 30) + 0.3 * (128 + 4))
     assert results["learned_plc"]["n_anchor"] == 4
-    assert "| full | full | all | 256.0 |" in markdown_table(results)
+    table = markdown_table(results)
+    assert "| full | full | all | 256.0 |" in table and "### Equal average tokens" in table
+    # the equal-average table: every budget method, its average over layers at crop-ilp-budget's
+    matched = [r for r in results["variants"] if r["table"] == "matched"]
+    assert {r["name"] for r in matched} == {*BUDGET_METHODS, *table_methods()}
+    targets = {r["budget"]: r["average_tokens_over_layers"] for r in results["variants"]
+               if (r["table"], r["name"], r["region"]) == ("final", "crop-ilp-budget", "predicted")}  # fmt: skip
+    assert targets["1/3"] == pytest.approx((2 * 256 + 2 * 85) / 4)  # K = 2 of 4 layers
+    for row in matched:
+        if row["name"] in ("random", "crop-k0-budget", "fastv"):
+            assert row["average_tokens_over_layers"] == pytest.approx(targets[row["budget"]], abs=1)
+    assert {r["budget"]: r["tokens"] for r in matched if r["name"] == "random"} == {"1/3": 170, "2/9": 156, "1/9": 142}
+    pairs = {(p["table"], p["budget"], p["crop"], p["baseline"]) for p in results["paired"]}
+    assert ("matched", "1/9", "crop-k0-budget", "pool") in pairs and len(pairs) == 2 * 3 * 2 * len(table_methods())
+    attention = results["answer_region_attention"]
+    assert attention["layer"] == 1 and 0 <= attention["all"]["mass_on_region"] <= 1
+    assert attention["all"]["questions"] == 7  # the 3 wide questions of 10 ask about the whole image

@@ -133,6 +133,7 @@ def test_the_page_answers_both_ways_shows_counts_and_survives_bad_input(server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    from crop.synth.assets import SHIPPED_MODEL, model_task
     from crop.synth.scene import make_sample
 
     browser = _browser()
@@ -156,7 +157,7 @@ def test_the_page_answers_both_ways_shows_counts_and_survives_bad_input(server):
         browser.find_element(By.ID, "ask").click()
         wait.until(lambda b: "no image" in text_of("message"))
 
-        sample = make_sample("test", 0)
+        sample = make_sample("test", 0, model_task(SHIPPED_MODEL))
         picture = SCREENSHOT.parent / "demo_input.png"
         picture.parent.mkdir(exist_ok=True)
         sample.image.save(picture)

@@ -13,7 +13,7 @@ from crop.region import Region, Viewport
 from crop.serving.pruning import PruningSettings
 from crop.serving.vllm_llava import ARCHITECTURE, save_for_vllm
 from crop.strategies.registry import build_method
-from crop.synth.assets import SHIPPED_MODEL
+from crop.synth.assets import SHIPPED_MODEL, model_task
 from crop.synth.scene import make_sample
 
 NEW_TOKENS = 4
@@ -32,7 +32,7 @@ def hf_model():
 
 @pytest.fixture(scope="session")
 def samples():
-    return [make_sample("test", index) for index in range(len(REGIONS))]
+    return [make_sample("test", index, model_task(SHIPPED_MODEL)) for index in range(len(REGIONS))]
 
 
 def engine(checkpoint, settings: dict | None) -> LLM:

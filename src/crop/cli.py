@@ -149,14 +149,24 @@ def _parser(training: bool = True) -> argparse.ArgumentParser:
     train = synth.add_parser("train", help="train the synthetic-task VLM from scratch (resumes from --out)")
     train.add_argument("--out", type=Path, default=Path("runs") / "synth", help="run directory (checkpoints, log)")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--task", default="documents", choices=["documents", "shapes"], help="kinds of questions")
+    train.add_argument("--text-layers", type=_at_least(1), default=8, help="LLM depth")
+    train.add_argument("--questions-per-image", type=_at_least(1), default=4)
     train.add_argument(
-        "--vision-steps", type=_at_least(0), default=2500, help="stage 1: vision tower on per-patch heads"
+        "--vision-steps", type=_at_least(0), default=2500,
+        help="stage 1: vision tower on per-patch heads",
+    )  # fmt: skip
+    train.add_argument(
+        "--steps", type=_at_least(0), default=3500, help="stage 2: questions and localization"
     )
-    train.add_argument("--steps", type=_at_least(0), default=4000, help="stage 2: questions and localization")
     train.add_argument(
         "--refine-steps", type=int, default=0, help="stage 3 (default off): a warm restart at a lower lr"
     )
-    train.add_argument("--grounding-weight", type=float, default=0.5)
+    train.add_argument(
+        "--grounding-weight", type=float, default=0.0,
+        help="attention-grounding loss at --grounding-layer (default off: it shapes what methods read)",
+    )  # fmt: skip
+    train.add_argument("--grounding-layer", type=_at_least(0), default=1)
     train.add_argument(
         "--targeted-grounding-from",
         type=int,
@@ -462,6 +472,7 @@ def _run_ask(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from crop.loading import load_model
     from crop.localize.by_name import localizer_by_name
+    from crop.synth.assets import model_task
     from crop.synth.scene import make_sample
     from crop.visualize import draw_overlay
 
@@ -469,7 +480,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     _writable(args.overlay)
     model, processor = load_model(args.model, attn_implementation=args.attn)
     localizer = localizer_by_name("default", model, processor, layer=args.ilp_layer, model_path=args.model)
-    sample = make_sample("test", args.seed)
+    sample = make_sample("test", args.seed, model_task(args.model))
     print(f"model: {args.model}")
     print(f"question: {sample.question}  (true answer: {sample.answer}, answer region {list(sample.region.to_grid())})")
     answer = _answer_both(model, processor, method, localizer, sample.image, sample.question, args.max_new_tokens, True)
@@ -493,6 +504,10 @@ def _run_synth_train(args: argparse.Namespace) -> int:
 
     config = TrainConfig(
         seed=args.seed,
+        task=args.task,
+        text_layers=args.text_layers,
+        questions_per_image=args.questions_per_image,
+        grounding_layer=args.grounding_layer,
         vision_steps=args.vision_steps,
         steps=args.steps,
         refine_steps=args.refine_steps,

@@ -19,13 +19,14 @@ from crop.errors import CropError
 from crop.loading import load_model
 from crop.localize.by_name import localizer_by_name
 from crop.strategies.registry import METHODS
+from crop.synth.assets import SHIPPED_MODEL, model_task
 from crop.synth.scene import make_sample
 from crop.timing import describe_method
 
 logger = logging.getLogger(__name__)
 
 EXAMPLE_INDICES = (0, 4, 7, 1, 5, 8)
-"""Synthetic test questions offered as examples: detail, object and wide kinds, twice."""
+"""Synthetic test questions offered as examples (of the shipped model's task): one or two of each kind."""
 
 
 @dataclass
@@ -57,7 +58,7 @@ def write_examples(folder: Path) -> list[list[str]]:
     """`[image path, question]` pairs from the synthetic test split, written as PNG files into `folder`."""
     examples = []
     for index in EXAMPLE_INDICES:
-        sample = make_sample("test", index)
+        sample = make_sample("test", index, model_task(SHIPPED_MODEL))
         path = folder / f"synth-test-{index}.png"
         sample.image.save(path)
         examples.append([str(path), sample.question])

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 import crop
+from crop.errors import ConfigError
 from crop.loading import load_model
 from crop.localize import AttentionLocalizer, GridVLMLocalizer
 from crop.localize.attention import DEFAULT_PENALTY, DEFAULT_ROWS, ROWS, region_from_relevance
@@ -27,21 +28,33 @@ from crop.strategies.ilp import ILP
 from crop.strategies.learned_plc import CONFIG_NAME, LearnedPLC
 from crop.strategies.plc import PLC
 from crop.strategies.registry import build_method, table_methods
+from crop.synth.analysis import answer_region_attention, average_tokens, matched_budget, paired_bootstrap
+from crop.synth.assets import model_task
 from crop.synth.model import LOCATE_INSTRUCTION
-from crop.synth.scene import KINDS, PATCH, Sample, make_sample
+from crop.synth.scene import PATCH, Sample, kinds_of, make_sample
 
 BUDGET_FRACTIONS = {"1/3": 1 / 3, "2/9": 2 / 9, "1/9": 1 / 9}
 """LLaVA-1.5's 192 / 128 / 64 of 576, as fractions of any grid."""
 
 
+TABLES = {
+    "final": "equal final budget: every method keeps the same number of visual tokens after its last reduction",
+    "matched": "equal average tokens over LLM layers (equal LLM FLOPs): each method's budget chosen so that its "
+    "average equals crop-ilp-budget's at that label",
+}
+
+
 @dataclass
 class Variant:
-    """One row of the table: a method, where its region comes from, and the budget it was asked for."""
+    """One row of a table: a method, where its region comes from, the budget label it was asked for, which
+    table it belongs to (`TABLES`), and the number of tokens asked (budget rows)."""
 
     name: str
     method: Callable[[], Method]
     region: str | None
     budget: str
+    table: str = "final"
+    tokens: int | None = None
 
 
 def variants(
@@ -74,14 +87,12 @@ def variants(
     rows += [
         Variant("oracle-ilp-budget", lambda: CROP(ILP(layer), budget=smallest), "oracle", "1/9"),
         Variant("crop-ilp-budget", lambda: CROP(ILP(layer), budget=smallest), "attention", "1/9"),
-        Variant("crop-fused", lambda: FusedCROP(layer, penalty, smallest, attention_rows), None, "1/9"),
     ]
     for label, fraction in BUDGET_FRACTIONS.items():
         n = round(grid_tokens * fraction)
         rows += [
-            Variant("crop-ilp-budget", lambda n=n: CROP(ILP(layer), budget=n), "predicted", label),
-            *[Variant(name, lambda n=n, name=name: build_method(name, budget=n, layer=layer), None, label)
-              for name in table_methods()],
+            budget_variant(name, n, label, layer=layer, penalty=penalty, attention_rows=attention_rows)
+            for name in BUDGET_METHODS + tuple(table_methods())
         ]
         if compressor is not None:
             rows += [
@@ -90,6 +101,55 @@ def variants(
                         "predicted", label),
             ]  # fmt: skip
     return rows
+
+
+BUDGET_METHODS = ("crop-ilp-budget", "crop-k0-budget", "crop-fused-budget")
+"""CROP's forms with a budget, run at each budget beside the registry's table methods: ILP at K with the trained
+localizer's region, the same before the LLM (K = 0), and fused (its region from layer K-1's attention)."""
+
+
+def budget_variant(name: str, n: int, label: str, table: str = "final", **settings: Any) -> Variant:
+    """The row of method `name` (a `BUDGET_METHODS` form or a registry name) keeping `n` visual tokens;
+    `settings`: `layer` (K), and the fused form's `penalty` and `attention_rows`."""
+    layer = settings.get("layer", 2)
+    if name == "crop-ilp-budget":
+        return Variant(name, lambda: CROP(ILP(layer), budget=n), "predicted", label, table, n)
+    if name == "crop-k0-budget":
+        return Variant(name, lambda: CROP(ILP(0), budget=n), "predicted", label, table, n)
+    if name == "crop-fused-budget":
+        penalty, rows = settings.get("penalty", DEFAULT_PENALTY), settings.get("attention_rows", DEFAULT_ROWS)
+        return Variant(name, lambda: FusedCROP(layer, penalty, n, rows), None, label, table, n)
+    return Variant(name, lambda: build_method(name, budget=n, layer=layer), None, label, table, n)
+
+
+def matched_variants(
+    model: Any, processor: Any, probe: list[Sample], targets: dict[str, float], grid_tokens: int, **settings: Any
+) -> list[Variant]:
+    """For each budget label, every budget method at the budget (of those it accepts) whose average tokens over
+    layers (measured on the `probe` questions) is closest to `targets[label]`."""
+    layers = len(model.model.language_model.layers)
+    rows = []
+    for label, target in targets.items():
+        for name in BUDGET_METHODS + tuple(table_methods()):
+
+            def measure(n: int, name: str = name, label: str = label) -> float:
+                method = budget_variant(name, n, label, **settings).method()
+                return average_tokens(model, processor, method, probe)
+
+            accepted = [n for n in range(1, grid_tokens + 1) if _accepts(budget_variant(name, n, label).method(),
+                                                                         layers, grid_tokens)]  # fmt: skip
+            n, _ = matched_budget(measure, target, accepted)
+            rows.append(budget_variant(name, n, label, "matched", **settings))
+    return rows
+
+
+def _accepts(method: Method, layers: int, grid_tokens: int) -> bool:
+    """Whether `method` takes its budget on this model (SparseVLM with the authors' counts takes four)."""
+    try:
+        method.validate(layers, grid_tokens)
+    except ConfigError:
+        return False
+    return True
 
 
 def without_anchors(compressor: LearnedPLC) -> LearnedPLC:
@@ -109,7 +169,8 @@ def tune_attention_localizer(
     split stays unseen): mean IoU with the ground-truth grid box, answer-region recall, region area."""
     torch.set_num_threads(threads)
     model, processor = load_model(model_dir)
-    samples = [make_sample("val", i) for i in range(count)]
+    task = model_task(model_dir)
+    samples = [make_sample("val", i, task) for i in range(count)]
     side = model.config.vision_config.image_size // PATCH
     rows = []
     settings = [(rows, layer) for rows in ROWS for layer in range(len(model.model.language_model.layers) - 1)]
@@ -119,7 +180,7 @@ def tune_attention_localizer(
         for penalty in penalties:
             regions = [region_from_relevance(r, viewport, penalty) for r, viewport in relevance]
             row: dict[str, Any] = {"rows": rows_kind, "layer": layer, "penalty": penalty}
-            for kind in (*KINDS, "all"):
+            for kind in (*kinds_of(task), "all"):
                 chosen = [(s, g) for s, g in zip(samples, regions, strict=True) if kind in (s.kind, "all")]
                 row[kind] = {
                     "mean_iou": statistics.mean(grid_iou(s.region, g) for s, g in chosen),
@@ -156,6 +217,7 @@ def evaluate(
     plot: Path | None = Path("results") / "synth_budget.png",
     threads: int = 2,
     cost_samples: int = 20,
+    probe_samples: int = 10,
     layer: int = 2,
     attention_penalty: float = DEFAULT_PENALTY,
     attention_rows: str = DEFAULT_ROWS,
@@ -163,11 +225,14 @@ def evaluate(
     """Run every variant on the first `count` test samples; write the JSON (and plot) and return the results.
 
     `layer` is ILP's K for every CROP variant; the attention localizer reads layer K-1 (two-pass and fused) with
-    `attention_penalty` and `attention_rows` (choose them on the validation split: `tune_attention_localizer`)."""
+    `attention_penalty` and `attention_rows` (choose them on the validation split: `tune_attention_localizer`).
+    The equal-average table's budgets are matched on the first `probe_samples` questions."""
     torch.set_num_threads(threads)
     model, processor = load_model(model_dir)
     compressor = LearnedPLC.from_pretrained(model_dir) if (Path(model_dir) / CONFIG_NAME).is_file() else None
-    samples = [make_sample("test", i) for i in range(count)]
+    task = model_task(model_dir)
+    kinds = kinds_of(task)
+    samples = [make_sample("test", i, task) for i in range(count)]
     layout_side = model.config.vision_config.image_size // PATCH
     grid_tokens = layout_side * layout_side
     localizer = GridVLMLocalizer(model, processor, instruction=LOCATE_INSTRUCTION, max_new_tokens=8)
@@ -180,6 +245,11 @@ def evaluate(
     attention_seconds = (time.perf_counter() - start) / count
     results: dict[str, Any] = {
         "model": str(model_dir),
+        "task": task,
+        "kinds": list(kinds),
+        "llm_layers": len(model.model.language_model.layers),
+        "ilp_layer": layer,
+        "tables": TABLES,
         "samples": count,
         "grid_tokens": grid_tokens,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()},
@@ -191,8 +261,22 @@ def evaluate(
         "variants": [],
     }
     regions = {"predicted": predicted, "attention": attended, "oracle": [s.region for s in samples]}
+    rows = results["variants"]
     for variant in variants(grid_tokens, layer, attention_penalty, attention_rows, compressor):
-        results["variants"].append(_run_variant(model, processor, variant, samples, regions, batch_size))
+        rows.append(_run_variant(model, processor, variant, samples, regions, batch_size, kinds))
+    targets = {row["budget"]: row["average_tokens_over_layers"] for row in rows
+               if (row["name"], row["region"]) == ("crop-ilp-budget", "predicted")}  # fmt: skip
+    settings = {"layer": layer, "penalty": attention_penalty, "attention_rows": attention_rows}
+    for variant in matched_variants(model, processor, samples[:probe_samples], targets, grid_tokens, **settings):
+        same = [r for r in rows if (r["table"], r["name"], r["region"], r["tokens"])
+                == ("final", variant.name, variant.region, variant.tokens)]  # fmt: skip
+        if same:  # the same method, region and budget already ran (under another label): reuse its answers
+            rows.append({**same[0], "table": "matched", "budget": variant.budget})
+        else:
+            rows.append(_run_variant(model, processor, variant, samples, regions, batch_size, kinds))
+    results["paired"] = paired_intervals(rows)
+    eager, _ = load_model(model_dir, attn_implementation="eager")
+    results["answer_region_attention"] = answer_region_attention(eager, processor, samples, layer - 1)
     full = results["variants"][0]
     for row in results["variants"]:
         row["retention"] = {k: (row["accuracy"][k] / full["accuracy"][k] if full["accuracy"][k] else None)
@@ -204,11 +288,32 @@ def evaluate(
     return results
 
 
-def _run_variant(model, processor, variant: Variant, samples, regions, batch_size: int) -> dict[str, Any]:
+PAIRED_REFERENCES = ("crop-ilp-budget", "crop-k0-budget")
+"""The CROP rows each baseline is compared with, per table and budget."""
+
+
+def paired_intervals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each table and budget label: each `PAIRED_REFERENCES` row minus each registry method's row, with a
+    paired bootstrap 95% interval over the questions (positive: CROP answered more)."""
+    baselines = table_methods()
+    out = []
+    for table in TABLES:
+        for label in BUDGET_FRACTIONS:
+            at = {r["name"]: r for r in rows if r["table"] == table and r["budget"] == label
+                  and r["region"] in (None, "predicted")}  # fmt: skip
+            for reference in PAIRED_REFERENCES:
+                for name in baselines:
+                    if reference in at and name in at:
+                        interval = paired_bootstrap(at[reference]["outcomes"], at[name]["outcomes"])
+                        out.append({"table": table, "budget": label, "crop": reference, "baseline": name, **interval})
+    return out
+
+
+def _run_variant(model, processor, variant: Variant, samples, regions, batch_size: int, kinds) -> dict[str, Any]:
     pruned = crop.apply(model, processor, method=variant.method())
-    correct = {kind: 0 for kind in KINDS}
-    totals = {kind: 0 for kind in KINDS}
-    kept, average = [], []
+    correct = {kind: 0 for kind in kinds}
+    totals = {kind: 0 for kind in kinds}
+    kept, average, outcomes = [], [], []
     try:
         for start in tqdm(range(0, len(samples), batch_size), desc=variant.name, leave=False):
             chunk = samples[start : start + batch_size]
@@ -223,31 +328,35 @@ def _run_variant(model, processor, variant: Variant, samples, regions, batch_siz
             answers = processor.batch_decode(sequences[:, length:], skip_special_tokens=True)
             for sample, answer, row in zip(chunk, answers, stats.rows, strict=True):
                 words = answer.split()
-                correct[sample.kind] += int(bool(words) and words[0] == sample.answer)
+                outcomes.append(int(bool(words) and words[0] == sample.answer))
+                correct[sample.kind] += outcomes[-1]
                 totals[sample.kind] += 1
                 kept.append(row.kept_tokens)
                 average.append(row.average_tokens)
     finally:
         pruned.remove()
     right, total = sum(correct.values()), sum(totals.values())
-    accuracy = {kind: correct[kind] / totals[kind] if totals[kind] else None for kind in KINDS} | {"all": right / total}
-    interval = {kind: wilson(correct[kind], totals[kind]) for kind in KINDS} | {"all": wilson(right, total)}
+    accuracy = {kind: correct[kind] / totals[kind] if totals[kind] else None for kind in kinds} | {"all": right / total}
+    interval = {kind: wilson(correct[kind], totals[kind]) for kind in kinds} | {"all": wilson(right, total)}
     return {
         "name": variant.name,
         "method": pruned.method.describe(),
         "region": variant.region,
         "budget": variant.budget,
+        "table": variant.table,
+        "tokens": variant.tokens,
         "kept_tokens": statistics.mean(kept),
         "average_tokens_over_layers": statistics.mean(average),
         "accuracy": accuracy,
         "ci95": interval,
-        "counts": {kind: [correct[kind], totals[kind]] for kind in KINDS},
+        "counts": {kind: [correct[kind], totals[kind]] for kind in kinds},
+        "outcomes": outcomes,
     }
 
 
 def _localization_report(samples, predicted, side: int, localizer: Any, seconds: float) -> dict:
     report: dict[str, Any] = {"fallbacks": localizer.fallback_count, "seconds_per_sample": seconds}
-    for kind in (*KINDS, "all"):
+    for kind in (*dict.fromkeys(s.kind for s in samples), "all"):
         chosen = [(s, p) for s, p in zip(samples, predicted, strict=True) if kind in (s.kind, "all")]
         if not chosen:  # a small --n may hold no question of this kind
             report[kind] = None
@@ -287,36 +396,40 @@ def _localizer_cost(model, processor, samples: list[Sample], repeats: int = 5) -
 
 
 def plot_results(results: dict[str, Any], path: Path) -> None:
-    """Accuracy versus visual tokens kept: one line per method at the three budgets (CROP with the trained
-    localizer), a point for every other row (region-sized CROP, other regions at 1/9), labelled once per place."""
+    """Two panels: accuracy versus visual tokens kept (the equal-final-budget rows, one line per budget method, a
+    labelled point for every other row) and versus average tokens over layers (the equal-average rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     rows = results["variants"]
-    methods = (("crop-ilp-budget", "o"), ("fastv", "^"), ("pyramiddrop", "v"), ("sparsevlm", "P"), ("visionzip", "D"),
-               ("random", "x"), ("pool", "s"), ("crop-plc-learned-budget", "*"))  # fmt: skip
-    on_lines = set()
-    for name, marker in methods:
-        chosen = [r for r in rows if r["name"] == name and r["region"] in (None, "predicted")]
-        on_lines.update(id(r) for r in chosen)
-        line = sorted((r["kept_tokens"], r["accuracy"]["all"]) for r in chosen)
-        axis.plot(*zip(*line, strict=True), marker=marker, label=name)
-    labels: dict[tuple[float, float], list[str]] = {}
-    for row in rows:
-        if id(row) not in on_lines:
-            place = (round(row["kept_tokens"], 1), round(row["accuracy"]["all"], 4))
-            labels.setdefault(place, []).append(row["name"] + (f" ({row['region']})" if row["region"] else ""))
-    for (tokens, accuracy), names in labels.items():
-        axis.scatter(tokens, accuracy, marker="*", s=90, zorder=3)
-        axis.annotate(" = ".join(names), (tokens, accuracy), fontsize=6, xytext=(4, 4), textcoords="offset points")
-    axis.set_xlabel("visual tokens kept (after the last reduction)")
-    axis.set_ylabel("exact-match accuracy (synthetic test split)")
-    axis.set_title(f"Accuracy vs. visual tokens, {results['samples']} test questions")
-    axis.grid(alpha=0.3)
-    axis.legend(loc="lower right")
+    names = [*BUDGET_METHODS, *dict.fromkeys(r["name"] for r in rows if r.get("tokens") and r["region"] is None)]
+    markers = "o^v<>PDxsX*hH+d"
+    panels = (("final", "kept_tokens", "visual tokens kept (after the last reduction)"),
+              ("matched", "average_tokens_over_layers", "average visual tokens over LLM layers"))  # fmt: skip
+    for axis, (table, x, label) in zip(axes, panels, strict=True):
+        on_lines = set()
+        for index, name in enumerate(names):
+            chosen = [r for r in rows if r.get("table", "final") == table and r["name"] == name
+                      and r.get("tokens") and r["region"] in (None, "predicted")]  # fmt: skip
+            on_lines.update(id(r) for r in chosen)
+            if chosen:
+                line = sorted((r[x], r["accuracy"]["all"]) for r in chosen)
+                axis.plot(*zip(*line, strict=True), marker=markers[index % len(markers)], label=name)
+        if table == "final":
+            for row in rows:
+                if row.get("table", "final") == "final" and id(row) not in on_lines:
+                    place = (row[x], row["accuracy"]["all"])
+                    axis.scatter(*place, marker="*", s=70, zorder=3, color="black")
+                    text = row["name"] + (f" ({row['region']})" if row["region"] else "")
+                    axis.annotate(text, place, fontsize=5, xytext=(3, 3), textcoords="offset points")
+        axis.set_xlabel(label)
+        axis.set_title(TABLES[table].split(":")[0], fontsize=10)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel(f"exact-match accuracy ({results['samples']} synthetic test questions)")
+    axes[1].legend(loc="lower right", fontsize=7, ncol=2)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
@@ -324,21 +437,52 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """The results as a Markdown table: accuracy (95% CI) and retention per kind, tokens kept."""
-    kinds = (*KINDS, "all")
+    """The results as Markdown: a table per comparison (`TABLES`) with accuracy (95% CI) and retention per kind
+    and tokens kept, then the paired intervals and the answer-region attention mass."""
+    kinds = (*results.get("kinds", kinds_of("shapes")), "all")
     header = "| method | region | budget | tokens kept | avg over layers | " + " | ".join(kinds) + " | retention |"
-    lines = [header, "|" + "---|" * (6 + len(kinds))]
-    for row in results["variants"]:
-        cells = []
-        for kind in kinds:
-            low, high = row["ci95"][kind]
-            if row["accuracy"][kind] is None:  # no question of this kind among the ones asked
-                cells.append("-")
-                continue
-            cells.append(f"{100 * row['accuracy'][kind]:.1f} ({100 * low:.0f}-{100 * high:.0f})")
-        retention = "-" if row["retention"]["all"] is None else f"{100 * row['retention']['all']:.1f}%"
-        lines.append(
-            f"| {row['name']} | {row['region'] or '-'} | {row['budget']} | {row['kept_tokens']:.1f} | "
-            f"{row['average_tokens_over_layers']:.1f} | " + " | ".join(cells) + f" | {retention} |"
-        )
-    return "\n".join(lines)
+    parts = []
+    for table, description in results.get("tables", {"final": TABLES["final"]}).items():
+        lines = [f"### {description[0].upper()}{description[1:]}", "", header, "|" + "---|" * (6 + len(kinds))]
+        for row in results["variants"]:
+            if row.get("table", "final") == table:
+                lines.append(_markdown_row(row, kinds))
+        parts.append("\n".join(lines))
+    if results.get("paired"):
+        lines = [
+            "### CROP minus each baseline, same questions (points of accuracy, paired bootstrap 95% interval)", "",
+            "| table | budget | CROP form | baseline | difference | 95% interval |", "|---|---|---|---|---|---|",
+        ]  # fmt: skip
+        for pair in results["paired"]:
+            lines.append(
+                f"| {pair['table']} | {pair['budget']} | {pair['crop']} | {pair['baseline']} | "
+                f"{100 * pair['difference']:+.1f} | {100 * pair['low']:+.1f} to {100 * pair['high']:+.1f} |"
+            )
+        parts.append("\n".join(lines))
+    mass = results.get("answer_region_attention")
+    if mass:
+        lines = [
+            f"### Layer {mass['layer']}'s last-token attention on the answer region (share of its visual attention)",
+            "", "| kind | questions | on the region | region's share of the tokens |", "|---|---|---|---|",
+        ]  # fmt: skip
+        for kind, entry in mass.items():
+            if kind != "layer":
+                lines.append(f"| {kind} | {entry['questions']} | {100 * entry['mass_on_region']:.1f}% | "
+                             f"{100 * entry['region_share_of_tokens']:.1f}% |")  # fmt: skip
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def _markdown_row(row: dict[str, Any], kinds: tuple[str, ...]) -> str:
+    cells = []
+    for kind in kinds:
+        low, high = row["ci95"][kind]
+        if row["accuracy"][kind] is None:  # no question of this kind among the ones asked
+            cells.append("-")
+            continue
+        cells.append(f"{100 * row['accuracy'][kind]:.1f} ({100 * low:.0f}-{100 * high:.0f})")
+    retention = "-" if row["retention"]["all"] is None else f"{100 * row['retention']['all']:.1f}%"
+    return (
+        f"| {row['name']} | {row['region'] or '-'} | {row['budget']} | {row['kept_tokens']:.1f} | "
+        f"{row['average_tokens_over_layers']:.1f} | " + " | ".join(cells) + f" | {retention} |"
+    )

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from crop.synth.document import COLUMN_LABELS, ROW_LABELS
 from crop.synth.scene import COLOURS, IMAGE_SIZE, PATCH, SHAPES
 from crop.testing.llava import build_model, build_processor
 
 WORDS = [
     "USER", "ASSISTANT", ":", "?", "what", "digit", "shape", "is", "the", "on", "object", "there", "a", "locate",
-    "yes", "no", *COLOURS, *SHAPES, *[str(d) for d in range(10)],
+    "yes", "no", *COLOURS, *SHAPES, *[str(d) for d in range(10)], "in", "row", "column", *ROW_LABELS,
+    *COLUMN_LABELS,
 ]  # fmt: skip
 LOCATE_INSTRUCTION = "locate : {question}"
 """The localization prompt the model is trained with and `GridVLMLocalizer` sends: the answer is `x0 y0 x1 y1`."""
@@ -20,14 +22,18 @@ ARCHITECTURE = {
     "vision_hidden": 160,
     "vision_layers": 3,
     "text_hidden": 192,
-    "text_layers": 4,
+    "text_layers": 8,
     "initializer_range": 0.02,
 }
+"""The current model's shape; the first shipped model (task `shapes`) had `text_layers = 4`."""
 
 
-def build_synth_model(seed: int = 0, attn_implementation: str = "eager") -> LlavaForConditionalGeneration:
-    """The untrained synthetic-task model (16x16 = 256 visual tokens)."""
-    return build_model(words=WORDS, seed=seed, attn_implementation=attn_implementation, **ARCHITECTURE)
+def build_synth_model(
+    seed: int = 0, attn_implementation: str = "eager", text_layers: int = ARCHITECTURE["text_layers"]
+) -> LlavaForConditionalGeneration:
+    """The untrained synthetic-task model (16x16 = 256 visual tokens) with a `text_layers`-layer LLM."""
+    shape = ARCHITECTURE | {"text_layers": text_layers}
+    return build_model(words=WORDS, seed=seed, attn_implementation=attn_implementation, **shape)
 
 
 def build_synth_processor() -> LlavaProcessor:

@@ -1,4 +1,4 @@
-"""Synthetic grounded VQA: seeded scenes of labelled shapes, questions whose answer region is known.
+"""Synthetic grounded VQA: seeded scenes of labelled shapes (and tables), questions whose answer region is known.
 
 A 224 px image holds 3-5 objects in a 4x4 layout of 56 px cells (each cell is 4x4 patches of 14 px and 2x2 blocks
 of the 8x8 localization grid). Every object has a unique colour, a shape, and a small tag: a 14 px white square
@@ -6,7 +6,9 @@ with a digit, aligned to one patch, so that pooling 2x2 or 3x3 patches blurs it 
 Kinds of questions, in fixed shares of every split:
 - detail: "what digit is on the red object ?" (the digit on one object's tag);
 - object: "what shape is the red object ?" (a large attribute of one object);
-- wide:   "is there a red object ?" (needs the whole image; half of them are about absent colours).
+- wide:   "is there a red object ?" (needs the whole image; half of them are about absent colours);
+- document (task `documents` only): "what is in row C column S ?" about a table page (`crop.synth.document`).
+Two tasks fix the kinds and their shares: `shapes` (the first shipped model's) and `documents` (the current one).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from crop.region import Region
+from crop.synth.document import Document, document_labels, document_question, draw_document, make_document
 
 IMAGE_SIZE = 224
 PATCH = 14
@@ -32,8 +35,13 @@ COLOURS = {
     "orange": (240, 130, 20),
 }
 SHAPES = ("circle", "square", "triangle")
-KINDS = ("detail", "object", "wide")
-KIND_SHARES = (0.4, 0.3, 0.3)
+TASKS = {
+    "shapes": ("detail",) * 4 + ("object",) * 3 + ("wide",) * 3,
+    "documents": ("detail",) * 3 + ("object",) * 2 + ("wide",) * 2 + ("document",) * 3,
+}
+"""Each task's kinds over a block of 10 samples: split sample `i` has kind `TASKS[task][i % 10]`, so every split
+holds the shares exactly."""
+DEFAULT_TASK = "documents"
 SPLIT_SEEDS = {"train": 0, "val": 1_000_000_007, "test": 2_000_000_011}
 """Each split draws sample i from seed `SPLIT_SEEDS[split] + i`: fixed, disjoint, reproducible."""
 
@@ -69,6 +77,7 @@ class Sample:
     kind: str
     region: Region
     index: int
+    document: Document | None = None
 
 
 def draw_scene(objects: list[SceneObject]) -> Image.Image:
@@ -112,7 +121,7 @@ def make_question(objects: list[SceneObject], kind: str, rng: random.Random) -> 
     if kind == "object":
         return f"what shape is the {target.colour} object ?", target.shape, _cell_region(target), target_index
     if kind != "wide":
-        raise ValueError(f"unknown kind {kind!r}; use one of {KINDS}")
+        raise ValueError(f"unknown kind {kind!r}; use one of {kinds_of('shapes')}")
     present = rng.random() < 0.5
     used = {obj.colour for obj in objects}
     if present:
@@ -121,15 +130,31 @@ def make_question(objects: list[SceneObject], kind: str, rng: random.Random) -> 
     return f"is there a {colour} object ?", "no", Region.full(), None
 
 
-def make_sample(split: str, index: int) -> Sample:
-    """Sample `index` of `split`, identical on every machine and run."""
+def make_sample(split: str, index: int, task: str = DEFAULT_TASK) -> Sample:
+    """Sample `index` of `split` in `task`, identical on every machine and run."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown split {split!r}; use one of {sorted(SPLIT_SEEDS)}")
+    kind = task_kinds(task)[index % 10]
     rng = random.Random(SPLIT_SEEDS[split] + index)
+    if kind == "document":
+        document = make_document(rng)
+        question, answer, region, _ = document_question(document, rng)
+        return Sample(draw_document(document), [], question, answer, kind, region, index, document)
     objects = make_objects(rng)
-    kind = KINDS[_kind_index(index)]
     question, answer, region, _ = make_question(objects, kind, rng)
     return Sample(draw_scene(objects), objects, question, answer, kind, region, index)
+
+
+def task_kinds(task: str) -> tuple[str, ...]:
+    """The kinds of `task` over a block of 10 samples."""
+    if task not in TASKS:
+        raise ValueError(f"unknown synthetic task {task!r}; use one of {sorted(TASKS)}")
+    return TASKS[task]
+
+
+def kinds_of(task: str) -> tuple[str, ...]:
+    """The distinct kinds of `task`, in table order."""
+    return tuple(dict.fromkeys(task_kinds(task)))
 
 
 def _cell_region(obj: SceneObject) -> Region:
@@ -137,15 +162,18 @@ def _cell_region(obj: SceneObject) -> Region:
     return Region(x0 / IMAGE_SIZE, y0 / IMAGE_SIZE, x1 / IMAGE_SIZE, y1 / IMAGE_SIZE)
 
 
-def _kind_index(index: int) -> int:
-    """Kinds cycle over blocks of 10 samples in the fixed shares 4:3:3, so every split holds them exactly."""
-    position = index % 10
-    return 0 if position < 4 else (1 if position < 7 else 2)
-
-
-def patch_labels(objects: list[SceneObject]) -> dict[str, np.ndarray]:
-    """Per-patch targets (16x16) for the vision pre-training heads: colour, shape, tag digit, block x and y."""
+def patch_labels(objects: list[SceneObject], document: Document | None = None) -> dict[str, np.ndarray]:
+    """Per-patch targets (16x16) for the vision pre-training heads: colour, shape, digit, table row and column
+    label, block x and y (a document's when `document` is given, else the scene's)."""
     side = IMAGE_SIZE // PATCH
+    block = np.arange(side) * 8 // side
+    blocks = {
+        "block_x": np.broadcast_to(block[None, :], (side, side)).copy(),
+        "block_y": np.broadcast_to(block[:, None], (side, side)).copy(),
+    }
+    if document is not None:
+        empty = np.zeros((side, side), dtype=np.int64)
+        return {"colour": empty, "shape": empty.copy(), **document_labels(document, side), **blocks}
     colour = np.zeros((side, side), dtype=np.int64)
     shape = np.zeros((side, side), dtype=np.int64)
     digit = np.zeros((side, side), dtype=np.int64)
@@ -155,11 +183,5 @@ def patch_labels(objects: list[SceneObject]) -> dict[str, np.ndarray]:
         shape[y0:y1, x0:x1] = SHAPES.index(obj.shape) + 1
         tx0, ty0, _, _ = (v // PATCH for v in obj.tag_box)
         digit[ty0, tx0] = int(obj.digit) + 1
-    block = np.arange(side) * 8 // side
-    return {
-        "colour": colour,
-        "shape": shape,
-        "digit": digit,
-        "block_x": np.broadcast_to(block[None, :], (side, side)).copy(),
-        "block_y": np.broadcast_to(block[:, None], (side, side)).copy(),
-    }
+    none = np.zeros((side, side), dtype=np.int64)
+    return {"colour": colour, "shape": shape, "digit": digit, "row": none, "column": none.copy(), **blocks}
