@@ -162,3 +162,16 @@ def test_ask_with_the_attention_localizer(checkpoint, image_path, capsys, locali
     assert "region: Region(" in out
     if localizer == "attention-fused":
         assert "CROP-fused" in out
+
+
+def test_synth_train_defaults_are_the_training_config_defaults():
+    """`crop synth train` keeps its defaults as literals (so `--help` needs no torch); they must match TrainConfig."""
+    from dataclasses import fields
+
+    from crop.cli import _parser
+    from crop.synth.train import TrainConfig
+
+    args = vars(_parser().parse_args(["synth", "train"]))
+    shared = {f.name: f.default for f in fields(TrainConfig) if f.name in args}
+    assert len(shared) >= 15
+    assert {name: args[name] for name in shared} == shared

@@ -9,9 +9,10 @@ import pytest
 from crop.region import Region, grid_iou
 from crop.strategies.learned_plc import LearnedPLC, LearnedPLCConfig
 from crop.strategies.registry import table_methods
-from crop.synth.analysis import matched_budget, paired_bootstrap
+from crop.synth.analysis import document_errors, matched_budget, paired_bootstrap
 from crop.synth.evaluate import BUDGET_METHODS, evaluate, markdown_table, wilson
 from crop.synth.model import build_synth_model, build_synth_processor
+from crop.synth.scene import make_sample
 
 
 def test_wilson_interval():
@@ -44,6 +45,31 @@ def test_paired_bootstrap_interval():
     assert paired_bootstrap(first, first[::-1], seed=1)["low"] < 0 < paired_bootstrap(first, first[::-1])["high"]
     with pytest.raises(ValueError, match="equal, non-empty"):
         paired_bootstrap([1, 0], [1])
+
+
+def test_document_errors_say_where_wrong_answers_come_from():
+    samples = [s for s in (make_sample("test", i, "documents") for i in range(40)) if s.kind == "document"]
+    first = samples[0]
+    row, column = first.document.asked_cell(first.question)
+    assert first.document.digits[row][column] == first.answer
+    in_row, in_column = set(first.document.digits[row]), {line[column] for line in first.document.digits}
+    only_row = sorted(in_row - in_column - {first.answer})
+    only_column = sorted(in_column - in_row - {first.answer})
+    nowhere = sorted(set("0123456789") - in_row - in_column)
+    cases = [(first.answer, "right"), *((d, "row_only") for d in only_row[:1]),
+             *((d, "column_only") for d in only_column[:1]), *((d, "elsewhere") for d in nowhere[:1])]  # fmt: skip
+    for answer, outcome in cases:
+        report = document_errors([first, make_sample("test", 0, "documents")], [answer, "red"])
+        assert report["questions"] == 1 and report[outcome] == 1  # the detail question (index 0) is left out
+        assert sum(report[k] for k in ("right", "row_only", "column_only", "row_and_column", "elsewhere")) == 1
+    assert len(cases) >= 3
+    wrong = [str(d) for d in range(10) if str(d) != first.answer]
+    chance = document_errors([first], [first.answer])["chance_in_row_or_column"]
+    assert chance == pytest.approx(sum(d in in_row | in_column for d in wrong) / 9)
+    report = document_errors(samples, [s.answer for s in samples])
+    assert report["right"] == report["questions"] == len(samples) > 0
+    with pytest.raises(ValueError, match="not a question about this table"):
+        first.document.asked_cell("what is in row Z column Q ?")
 
 
 def test_grid_iou():

@@ -1,6 +1,7 @@
 """What the synthetic tables need beyond accuracy: budgets matched on average tokens over layers (equal LLM
-FLOPs), paired bootstrap intervals between two methods on the same questions, and how much of an LLM layer's
-attention falls on the answer's region (the structure attention-reading methods get from the model)."""
+FLOPs), paired bootstrap intervals between two methods on the same questions, how much of an LLM layer's
+attention falls on the answer's region (the structure attention-reading methods get from the model), and where
+wrong answers to document questions come from."""
 
 from __future__ import annotations
 
@@ -92,3 +93,29 @@ def answer_region_attention(model: Any, processor: Any, samples: Sequence[Sample
             "region_share_of_tokens": statistics.mean(share for _, share in pairs),
         }
     return report
+
+
+def document_errors(samples: Sequence[Sample], answers: Sequence[str]) -> dict[str, Any]:
+    """For the document questions among `samples` (with the model's `answers`): how many are right, and of the
+    wrong ones how many name a digit of the asked row only, of the asked column only, of both, or of neither.
+    `chance_in_row_or_column` is the share of wrong digits a uniformly random wrong answer would find in the
+    asked row or column: the level to compare "wrong but from the right row or column" with."""
+    counts = {"questions": 0, "right": 0, "row_only": 0, "column_only": 0, "row_and_column": 0, "elsewhere": 0}
+    chance = []
+    for sample, answer in zip(samples, answers, strict=True):
+        if sample.document is None:
+            continue
+        row, column = sample.document.asked_cell(sample.question)
+        in_row = set(sample.document.digits[row])
+        in_column = {line[column] for line in sample.document.digits}
+        wrong = [str(d) for d in range(10) if str(d) != sample.answer]
+        chance.append(sum(d in in_row | in_column for d in wrong) / len(wrong))
+        counts["questions"] += 1
+        word = (answer.split() or [""])[0]
+        if word == sample.answer:
+            counts["right"] += 1
+        elif word in in_row and word in in_column:
+            counts["row_and_column"] += 1
+        else:
+            counts["row_only" if word in in_row else "column_only" if word in in_column else "elsewhere"] += 1
+    return {**counts, "chance_in_row_or_column": statistics.mean(chance) if chance else None}

@@ -40,6 +40,14 @@ class Document:
         """`(block x, block y)` of body cell `(row, column)` on the 8x8 grid."""
         return column + 1, row + 1
 
+    def asked_cell(self, question: str) -> tuple[int, int]:
+        """`(row, column)` of the body cell that `question` (as `document_question` words it) asks about."""
+        words = question.split()
+        try:
+            return self.rows.index(words[words.index("row") + 1]), self.columns.index(words[words.index("column") + 1])
+        except (ValueError, IndexError) as exc:
+            raise ValueError(f"not a question about this table's cells: {question!r}") from exc
+
     def region_of(self, row: int, column: int) -> Region:
         x, y = self.block_of(row, column)
         return Region.from_grid([x, y, x, y])

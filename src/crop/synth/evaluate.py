@@ -28,7 +28,13 @@ from crop.strategies.ilp import ILP
 from crop.strategies.learned_plc import CONFIG_NAME, LearnedPLC
 from crop.strategies.plc import PLC
 from crop.strategies.registry import build_method, table_methods
-from crop.synth.analysis import answer_region_attention, average_tokens, matched_budget, paired_bootstrap
+from crop.synth.analysis import (
+    answer_region_attention,
+    average_tokens,
+    document_errors,
+    matched_budget,
+    paired_bootstrap,
+)
 from crop.synth.assets import model_task
 from crop.synth.model import LOCATE_INSTRUCTION
 from crop.synth.scene import PATCH, Sample, kinds_of, make_sample
@@ -313,7 +319,7 @@ def _run_variant(model, processor, variant: Variant, samples, regions, batch_siz
     pruned = crop.apply(model, processor, method=variant.method())
     correct = {kind: 0 for kind in kinds}
     totals = {kind: 0 for kind in kinds}
-    kept, average, outcomes = [], [], []
+    kept, average, outcomes, every_answer = [], [], [], []
     try:
         for start in tqdm(range(0, len(samples), batch_size), desc=variant.name, leave=False):
             chunk = samples[start : start + batch_size]
@@ -326,6 +332,7 @@ def _run_variant(model, processor, variant: Variant, samples, regions, batch_siz
             length = inputs["input_ids"].shape[1]
             sequences, stats = pruned.generate(**inputs, max_new_tokens=2, do_sample=False)
             answers = processor.batch_decode(sequences[:, length:], skip_special_tokens=True)
+            every_answer += answers
             for sample, answer, row in zip(chunk, answers, stats.rows, strict=True):
                 words = answer.split()
                 outcomes.append(int(bool(words) and words[0] == sample.answer))
@@ -338,7 +345,7 @@ def _run_variant(model, processor, variant: Variant, samples, regions, batch_siz
     right, total = sum(correct.values()), sum(totals.values())
     accuracy = {kind: correct[kind] / totals[kind] if totals[kind] else None for kind in kinds} | {"all": right / total}
     interval = {kind: wilson(correct[kind], totals[kind]) for kind in kinds} | {"all": wilson(right, total)}
-    return {
+    result = {
         "name": variant.name,
         "method": pruned.method.describe(),
         "region": variant.region,
@@ -352,6 +359,9 @@ def _run_variant(model, processor, variant: Variant, samples, regions, batch_siz
         "counts": {kind: [correct[kind], totals[kind]] for kind in kinds},
         "outcomes": outcomes,
     }
+    if "document" in kinds:
+        result["document_errors"] = document_errors(samples, every_answer)
+    return result
 
 
 def _localization_report(samples, predicted, side: int, localizer: Any, seconds: float) -> dict:
