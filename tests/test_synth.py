@@ -12,7 +12,7 @@ from crop.strategies.learned_plc import LearnedPLC
 from crop.synth.document import COLUMN_LABELS, ROW_LABELS
 from crop.synth.model import build_synth_processor
 from crop.synth.scene import COLOURS, IMAGE_SIZE, PATCH, make_sample, patch_labels
-from crop.synth.train import TrainConfig, Trainer, pixel_values, shared_prefix_length
+from crop.synth.train import TrainConfig, Trainer, autocast_dtype, pixel_values, shared_prefix_length
 
 
 def test_samples_are_reproducible_and_splits_differ():
@@ -163,3 +163,15 @@ def test_grounded_vocabulary_takes_the_heads_rows(tmp_path):
     output = trainer.model.get_output_embeddings().weight
     assert torch.nn.functional.cosine_similarity(output[seven], digit_row, dim=0) > 0.999
     assert torch.equal(inputs[trainer.tokenizer.convert_tokens_to_ids("what")], untouched)
+
+
+def test_precision_auto_takes_bfloat16_only_where_the_cpu_computes_it_natively(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert autocast_dtype("auto") is torch.float32
+    assert autocast_dtype("bfloat16") is torch.bfloat16  # asked for, it is what runs (the shipped recipe)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert autocast_dtype("auto") is torch.bfloat16
+    assert autocast_dtype("float32") is torch.float32
+    with pytest.raises(ValueError, match="unknown precision 'fp16'; expected one of"):
+        autocast_dtype("fp16")

@@ -10,7 +10,7 @@ from crop.region import Region, grid_iou
 from crop.strategies.learned_plc import LearnedPLC, LearnedPLCConfig
 from crop.strategies.registry import table_methods
 from crop.synth.analysis import document_errors, matched_budget, paired_bootstrap
-from crop.synth.evaluate import BUDGET_METHODS, evaluate, markdown_table, wilson
+from crop.synth.evaluate import BUDGET_METHODS, evaluate, markdown_table, table_differences, wilson
 from crop.synth.model import build_synth_model, build_synth_processor
 from crop.synth.scene import make_sample
 
@@ -107,6 +107,12 @@ def test_evaluation_runs_and_counts_tokens(tmp_path):
     assert results["learned_plc"]["n_anchor"] == 4
     table = markdown_table(results)
     assert "| full | full | all | 256.0 |" in table and "### Equal average tokens" in table
+    differences = {(d["budget"], d["name"]): d for d in table_differences(results)}
+    assert len(differences) == 3 * len({*BUDGET_METHODS, *table_methods()})
+    random_row = differences[("1/9", "random")]  # before the LLM: matched by keeping more tokens
+    assert (random_row["final_kept"], random_row["matched_kept"]) == (28, 142)
+    assert random_row["difference"] == pytest.approx(random_row["matched_accuracy"] - random_row["final_accuracy"])
+    assert "| 1/9 | random | 28 / 28.0 |" in table
     # the equal-average table: every budget method, its average over layers at crop-ilp-budget's
     matched = [r for r in results["variants"] if r["table"] == "matched"]
     assert {r["name"] for r in matched} == {*BUDGET_METHODS, *table_methods()}

@@ -189,6 +189,8 @@ def _parser(training: bool = True) -> argparse.ArgumentParser:
         help="start stage 2 with colour/shape/digit word embeddings from the per-patch heads",
     )  # fmt: skip
     train.add_argument("--threads", type=_at_least(1), default=2)
+    train.add_argument("--precision", choices=["auto", "bfloat16", "float32"], default="auto",
+                       help="autocast dtype (auto: bfloat16 only where the CPU computes it natively)")  # fmt: skip
     train.set_defaults(run=_run_synth_train)
     evaluate = synth.add_parser("eval", help="accuracy versus visual-token budget on the synthetic test split")
     evaluate.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="default: the shipped model")
@@ -208,6 +210,11 @@ def _parser(training: bool = True) -> argparse.ArgumentParser:
     tune.add_argument("--out", type=Path, default=Path("runs") / "synth-eval" / "synth_attention_tuning.json")
     tune.add_argument("--threads", type=_at_least(1), default=2)
     tune.set_defaults(run=_run_synth_tune)
+    compare = synth.add_parser("compare", help="two synth eval runs on the questions they share, paired intervals")
+    compare.add_argument("first", type=Path, help="a `crop synth eval` results JSON (the reference)")
+    compare.add_argument("second", type=Path, help="another one, on the same task (e.g. a control run)")
+    compare.add_argument("--out", type=Path, help="write the comparison here as JSON (and .md beside it)")
+    compare.set_defaults(run=_run_synth_compare)
     if training:
         add_training_commands(commands)
     else:
@@ -521,6 +528,7 @@ def _run_synth_train(args: argparse.Namespace) -> int:
         init_from=args.init_from,
         ground_vocabulary=args.ground_vocabulary,
         threads=args.threads,
+        precision=args.precision,
     )
     trainer = Trainer(args.out, config)
     if trainer.step:
@@ -543,6 +551,31 @@ def _run_synth_tune(args: argparse.Namespace) -> int:
         recall, area = row["all"]["answer_region_recall"], row["all"]["mean_region_area"]
         print(f"{row['rows']:8s} {row['layer']:5d} {row['penalty']:7.2f} | {ious} | {recall:.3f} | {area:.3f}")
     print(f"best by mean IoU: {results['best']} -> {args.out}")
+    return 0
+
+
+def _run_synth_compare(args: argparse.Namespace) -> int:
+    from crop.synth.control import compare_evaluations, markdown_comparison
+
+    runs = []
+    for path in (args.first, args.second):
+        try:
+            runs.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"cannot read {path} as a `crop synth eval` results JSON: {error}") from error
+        if not isinstance(runs[-1], dict) or "variants" not in runs[-1]:
+            raise ConfigError(f"{path} is not a `crop synth eval` results JSON (it has no 'variants')")
+    try:
+        comparison = compare_evaluations(*runs)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    table = markdown_comparison(comparison)
+    if args.out is not None:
+        _writable(args.out)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(comparison, indent=2))
+        args.out.with_suffix(".md").write_text(table + "\n")
+    print(table)
     return 0
 
 

@@ -33,7 +33,8 @@ DEFAULT_PENALTY = 0.5
 DEFAULT_ROWS = "last"
 ROWS = ("question", "last")
 """Defaults chosen by mean IoU with the ground-truth box on the synthetic task's validation split (300 questions,
-`crop synth tune-attention`, `results/synth_attention_tuning.json`): layer 1 (of 4), the last row, penalty 0.5.
+`crop synth tune-attention`, `results/synth_attention_tuning_shapes4.json`, the previous 4-layer shipped
+model): layer 1 (of 4), the last row, penalty 0.5.
 Other models will want their own: run the same sweep on validation data."""
 
 

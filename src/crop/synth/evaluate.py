@@ -469,6 +469,38 @@ def markdown_table(results: dict[str, Any]) -> str:
                 f"{100 * pair['difference']:+.1f} | {100 * pair['low']:+.1f} to {100 * pair['high']:+.1f} |"
             )
         parts.append("\n".join(lines))
+    differences = table_differences(results)
+    if differences:
+        lines = [
+            "### Each method at equal final budget against equal average tokens over layers", "",
+            "| budget | method | final: kept / avg over layers | final accuracy | matched: kept / avg over layers "
+            "| matched accuracy | matched minus final |", "|---|---|---|---|---|---|---|",
+        ]  # fmt: skip
+        for d in differences:
+            lines.append(
+                f"| {d['budget']} | {d['name']} | {d['final_kept']:.0f} / {d['final_average']:.1f} | "
+                f"{100 * d['final_accuracy']:.1f} | {d['matched_kept']:.0f} / {d['matched_average']:.1f} | "
+                f"{100 * d['matched_accuracy']:.1f} | {100 * d['difference']:+.1f} |"
+            )
+        parts.append("\n".join(lines))
+    errors = [row for row in results["variants"]  # rows of runs with document questions (a small run may have none)
+              if row.get("document_errors", {}).get("questions") and row.get("table") == "final"]  # fmt: skip
+    if errors:
+        lines = [
+            "### Where wrong document answers come from (equal final budget; a digit of the asked row, column, "
+            "both or neither)", "",
+            "| method | region | budget | right | row only | column only | row and column | elsewhere |",
+            "|---|---|---|---|---|---|---|---|",
+        ]  # fmt: skip
+        for row in errors:
+            e = row["document_errors"]
+            lines.append(
+                f"| {row['name']} | {row['region'] or '-'} | {row['budget']} | {e['right']}/{e['questions']} | "
+                f"{e['row_only']} | {e['column_only']} | {e['row_and_column']} | {e['elsewhere']} |"
+            )
+        chance = errors[0]["document_errors"]["chance_in_row_or_column"]
+        lines += ["", f"A random wrong digit lies in the asked row or column {100 * chance:.0f}% of the time."]
+        parts.append("\n".join(lines))
     mass = results.get("answer_region_attention")
     if mass:
         lines = [
@@ -481,6 +513,28 @@ def markdown_table(results: dict[str, Any]) -> str:
                              f"{100 * entry['region_share_of_tokens']:.1f}% |")  # fmt: skip
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+def table_differences(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per budget label and method, its row at equal final budget beside its row at equal average tokens over
+    layers: the accuracy the method gains (or loses) when charged by LLM FLOPs instead of final tokens."""
+    def key(row: dict[str, Any]) -> tuple:
+        return row["budget"], row["name"], row["region"]
+
+    final = {key(r): r for r in results["variants"] if r.get("table") == "final" and r["budget"] in BUDGET_FRACTIONS}
+    out = []
+    for row in results["variants"]:
+        if row.get("table") == "matched" and key(row) in final:
+            before = final[key(row)]
+            out.append({
+                "budget": row["budget"], "name": row["name"],
+                "final_kept": before["kept_tokens"], "final_average": before["average_tokens_over_layers"],
+                "final_accuracy": before["accuracy"]["all"],
+                "matched_kept": row["kept_tokens"], "matched_average": row["average_tokens_over_layers"],
+                "matched_accuracy": row["accuracy"]["all"],
+                "difference": row["accuracy"]["all"] - before["accuracy"]["all"],
+            })  # fmt: skip
+    return out
 
 
 def _markdown_row(row: dict[str, Any], kinds: tuple[str, ...]) -> str:
