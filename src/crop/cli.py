@@ -557,6 +557,7 @@ def _run_synth_tune(args: argparse.Namespace) -> int:
 def _run_synth_compare(args: argparse.Namespace) -> int:
     from crop.synth.control import compare_evaluations, markdown_comparison
 
+    _writable(args.out)
     runs = []
     for path in (args.first, args.second):
         try:
@@ -571,8 +572,6 @@ def _run_synth_compare(args: argparse.Namespace) -> int:
         raise ConfigError(str(error)) from error
     table = markdown_comparison(comparison)
     if args.out is not None:
-        _writable(args.out)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(comparison, indent=2))
         args.out.with_suffix(".md").write_text(table + "\n")
     print(table)

@@ -292,6 +292,10 @@ class Trainer:
                 ids = self.tokenizer.convert_tokens_to_ids(names)
                 table[ids] = rows / rows.norm(dim=-1, keepdim=True) * scale
 
+    def autocast(self) -> torch.autocast:
+        """The mixed-precision context of this run's forward passes (none in float32)."""
+        return torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype != torch.float32)
+
     def _train_step(self, vision_only: bool) -> dict[str, float]:
         batch = self._batch(self.step, with_questions=not vision_only)
         return self.train_on(batch, vision_only, self.lr_at(self.step))
@@ -302,7 +306,7 @@ class Trainer:
         for group in optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype != torch.float32):
+        with self.autocast():
             features = self._features(batch.pixel_values)
             aux, parts = self.heads.loss(features, batch.labels)
             record = {"lr": lr, "aux": aux.item(), **parts}
@@ -545,7 +549,7 @@ def evaluate_teacher_forced(trainer: Trainer, count: int, split: str = "val") ->
             for i, s in enumerate(samples)
         ]
         batch = trainer._encode(batch, items)
-        with torch.autocast("cpu", dtype=trainer.dtype, enabled=trainer.dtype != torch.float32):
+        with trainer.autocast():
             features = trainer._features(batch.pixel_values)
             embeds = model.get_input_embeddings()(batch.input_ids)
             visual = batch.input_ids == trainer.image_token
