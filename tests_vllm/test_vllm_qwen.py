@@ -1,20 +1,32 @@
 """crop's vLLM plugin on Qwen2.5-VL against crop's own pruned `generate`, on a tiny random-weight Qwen2.5-VL saved to
 disk (float32): several requests with images of different grid sizes and regions in one `generate` call give crop's
 greedy tokens and prompt token counts, which checks the kept tokens and their 3-D positions (the text keeps its
-unpruned positions); without the plugin vLLM equals the unpruned model; DivPrune is refused on this family."""
+unpruned positions); without the plugin vLLM equals the unpruned model. DivPrune, whose cells depend on the
+features, needs positions placed after the encoder (vLLM's multimodal pruning path, which its CPU runner never
+calls): that path is checked against crop's positions without an engine, and DivPrune is refused on CPU."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import Qwen2_5_VLProcessor, Qwen2VLVideoProcessor
 from vllm import LLM, SamplingParams
 
 import crop
+from crop.adapter import adapter_for
 from crop.errors import ConfigError
 from crop.loading import load_model
 from crop.region import Region, Viewport
-from crop.serving.pruning import PruningSettings
-from crop.serving.vllm_qwen2_5_vl import ARCHITECTURE, qwen_pruner
+from crop.serving.pruning import FeaturePruner, PruningSettings
+from crop.serving.vllm_qwen2_5_vl import (
+    ARCHITECTURE,
+    encode_cells,
+    place_after_encoder,
+    prompt_positions,
+    qwen_pruner,
+)
+from crop.strategies.context import CallContext
+from crop.strategies.engine import before_llm
 from crop.strategies.registry import build_method
 from crop.synth.scene import make_sample
 from crop.testing.qwen2_vl import build_qwen_model, build_qwen_processor, qwen_prompt
@@ -30,6 +42,8 @@ SETTINGS = [
     {"method": "crop"},
     {"method": "crop", "layer": -1, "plc_ratio": 2},
 ]
+AFTER_ENCODER = {"video_pruning_rate": 0.5}
+"""vLLM's switch for its post-encoder position path (the rate prunes videos, which the plugin refuses)."""
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +90,12 @@ def crop_answers(checkpoint, requests, settings: dict | None) -> list[tuple[list
     return answers
 
 
-def vllm_answers(checkpoint, requests, settings: dict | None) -> list[tuple[list[int], int]]:
+def vllm_answers(checkpoint, requests, settings: dict | None, **engine: object) -> list[tuple[list[int], int]]:
     _, processor = load_model(checkpoint)
     overrides = None if settings is None else {"architectures": [ARCHITECTURE], "crop": settings}
     llm = LLM(
         model=str(checkpoint), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
-        limit_mm_per_prompt={"image": 1, "video": 0}, hf_overrides=overrides,
+        limit_mm_per_prompt={"image": 1, "video": 0}, hf_overrides=overrides, **engine,
     )  # fmt: skip
     prompts = [
         {"prompt": qwen_prompt(processor, question), "multi_modal_data": {"image": image},
@@ -103,8 +117,56 @@ def test_vllm_qwen_answers_as_crop_does(qwen_checkpoint, qwen_requests, settings
     assert got == crop_answers(qwen_checkpoint, qwen_requests, settings)
 
 
-def test_divprune_is_refused_on_qwen(qwen_checkpoint):
+def test_geometric_methods_with_vllms_pruning_switch(qwen_checkpoint, qwen_requests):
+    """With vLLM's multimodal pruning on (on CPU its runner places no positions after the encoder, so the plugin
+    keeps placing them from the geometry), the answers are crop's."""
+    settings = {"method": "crop", "budget": 9}
+    got = vllm_answers(qwen_checkpoint, qwen_requests, settings, **AFTER_ENCODER)
+    assert got == crop_answers(qwen_checkpoint, qwen_requests, settings)
+
+
+@pytest.mark.parametrize("settings", [{"method": "divprune", "budget": 8}, {"method": "crop", "budget": 9}],
+                         ids=lambda e: "-".join(map(str, e.values())))  # fmt: skip
+@pytest.mark.parametrize("chunk", [None, 5], ids=["whole", "chunked"])
+def test_positions_placed_after_the_encoder_are_crops(qwen_checkpoint, qwen_requests, settings, chunk):
+    """The post-encoder path (GPU runners; vLLM's CPU runner never calls it): the prompt's positions as
+    `get_mrope_input_positions` gives them, then `recompute_mrope_positions` on the encoder's output, equal
+    crop's positions for the pruned prompt, and the stripped embeddings crop's kept tokens; also when a prefill
+    chunk ends inside the image (`chunk` image tokens in the first)."""
+    model, processor = load_model(qwen_checkpoint)
+    adapter = adapter_for(model)
+    method = PruningSettings.from_config(settings).method_object()
+    pruner = FeaturePruner(PruningSettings.from_config(settings), model.config.get_text_config().num_hidden_layers)
+    for (image, question), box in zip(qwen_requests, REGIONS, strict=True):
+        inputs = dict(processor(images=[image], text=[qwen_prompt(processor, question)], return_tensors="pt"))
+        region = Region.from_grid(box) if method.needs_region else None
+        layouts = adapter.visual_layouts(inputs)
+        call = CallContext(adapter, inputs, layouts, [Viewport()], [region])
+        with torch.no_grad():
+            spliced, selections = before_llm(call, method)
+            features = call.features(0)
+        ids = spliced["input_ids"][0]
+        expected = spliced["position_ids"][1:, 0]
+
+        tokens, cells = pruner.reduce_with_cells(features, layouts[0], region)
+        encoded = torch.cat([tokens, encode_cells(cells, layouts[0].cols, tokens.dtype)], dim=1)
+        offset = int((ids == adapter.image_token_id).nonzero()[0])
+        placeholders = torch.zeros(len(tokens), dtype=torch.long)
+        positions, delta = prompt_positions(len(ids), [(offset, layouts[0], placeholders)])
+        pieces = [encoded] if chunk is None else [encoded[:chunk], encoded[chunk:]]
+        computed, stripped = 0, []
+        for piece in pieces:
+            out, positions, got_delta = place_after_encoder(ids, [piece], positions, computed, adapter.image_token_id)
+            stripped += out
+            computed = offset + len(piece) if computed == 0 else computed + len(piece)
+        assert torch.equal(positions, expected)
+        assert got_delta == delta == int(expected.max()) + 1 - len(ids)
+        assert torch.equal(torch.cat(stripped), selections[0].compressed.features.to(tokens.dtype))
+
+
+def test_divprune_needs_positions_after_the_encoder(qwen_checkpoint):
     model, _ = load_model(qwen_checkpoint)
     model.config.crop = {"method": "divprune", "budget": 8}
-    with pytest.raises(ConfigError, match="depend on the features"):
-        qwen_pruner(model.config)
+    with pytest.raises(ConfigError, match="CPU runner"):
+        qwen_pruner(model.config, after_encoder=False)
+    assert qwen_pruner(model.config, after_encoder=True).settings.method == "divprune"

@@ -167,8 +167,17 @@ class FeaturePruner:
 
     def reduce(self, features: torch.Tensor, layout: VisualLayout, region: Region | None) -> torch.Tensor:
         """The tokens the LLM gets for one image `(kept, dim)` from its projected tokens `(tokens, dim)`."""
-        kept = self._compressed(features, layout, region).features.to(features.dtype)
-        return torch.cat([features[: layout.leading], kept]) if layout.leading else kept
+        return self.reduce_with_cells(features, layout, region)[0]
+
+    def reduce_with_cells(
+        self, features: torch.Tensor, layout: VisualLayout, region: Region | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`reduce`'s tokens and, for the grid tokens among them, the cell each stands for (a pooled window: its
+        first cell), computed from these features: what an engine places after its encoder ran."""
+        compressed = self._compressed(features, layout, region)
+        kept = compressed.features.to(features.dtype)
+        tokens = torch.cat([features[: layout.leading], kept]) if layout.leading else kept
+        return tokens, compressed.first_cell
 
     def _compressed(self, features: torch.Tensor, layout: VisualLayout, region: Region | None) -> Compressed:
         self.check(layout, region)
