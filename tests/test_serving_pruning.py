@@ -11,7 +11,7 @@ import torch
 from conftest import batch_inputs, on_grid
 
 import crop
-from crop.adapter import VisualLayout
+from crop.adapter import VisualLayout, adapter_for
 from crop.errors import ConfigError, RegionError
 from crop.region import Region
 from crop.serving.pruning import FeaturePruner, PruningSettings, request_region
@@ -23,6 +23,8 @@ SETTINGS = [
     {"method": "crop", "budget": 20},
     {"method": "crop"},
     {"method": "crop", "layer": -1, "plc_ratio": 2},
+    {"method": "visionzip", "budget": 20},
+    {"method": "holov", "budget": 18},
 ]
 REGIONS = [Region.from_grid([2, 2, 5, 5]), Region.from_grid([0, 0, 3, 7]), Region.from_grid([6, 6, 7, 7])]
 
@@ -42,8 +44,9 @@ def engine_logits(model, ids: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("entry", SETTINGS, ids=lambda e: "-".join(str(v) for v in e.values()))
 def test_the_engine_prompt_equals_crops_compact_call(sdpa_model, processor, entry):
-    settings = PruningSettings.from_config(entry)
+    settings = PruningSettings.from_config(entry, vision_internals=True)
     pruner = FeaturePruner(settings, sdpa_model.config.text_config.num_hidden_layers)
+    adapter = adapter_for(sdpa_model)
     inputs = batch_inputs(processor, 3)
     pruned = crop.apply(sdpa_model, processor, method=settings.method_object())
     try:
@@ -58,7 +61,8 @@ def test_the_engine_prompt_equals_crops_compact_call(sdpa_model, processor, entr
         features = image.pooler_output[0] if hasattr(image, "pooler_output") else image[0]
         if settings.method == "random":  # crop's batch call draws row r with seed + r, an engine every image with seed
             pruner = FeaturePruner(dataclasses.replace(settings, seed=settings.seed + row), pruner.num_layers)
-        kept = pruner.reduce(features, layout, REGIONS[row])
+        vision = adapter.vision_crops({"pixel_values": inputs["pixel_values"][row : row + 1]})[0]
+        kept = pruner.reduce(features, layout, REGIONS[row], vision, adapter.project)
         assert kept.shape[0] == pruner.count(layout, REGIONS[row]) == stats.rows[row].llm_input_tokens
         ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
         torch.testing.assert_close(output.logits[row, -1], engine_logits(sdpa_model, ids, kept), atol=1e-5, rtol=0)
@@ -70,7 +74,8 @@ def test_the_engine_prompt_equals_crops_compact_call(sdpa_model, processor, entr
         ({"method": "fastv", "budget": 8}, "prunes inside the LLM"),
         ({"method": "sparsevlm", "budget": 8}, "prunes inside the LLM"),
         ({"method": "crop", "layer": 2}, "layer K = 2 prunes inside the LLM"),
-        ({"method": "visionzip", "budget": 8}, "reads more than the projected visual tokens"),
+        ({"method": "visionzip", "budget": 8}, "reads the vision tower's CLS attention"),
+        ({"method": "cdpruner", "budget": 8}, "reads more than the VLM holds (CDPruner: a CLIP text tower)"),
         ({"method": "full"}, "prunes nothing"),
         ({"method": "nope", "budget": 8}, "unknown method 'nope'"),
         ({"method": "pool", "budget": 8, "ratio": 2}, "unknown crop settings ['ratio']"),
@@ -94,6 +99,10 @@ def test_a_budget_above_the_tokens_and_a_missing_region_are_refused():
         FeaturePruner(PruningSettings("crop", budget=10), 4).count(layout, None)
     with pytest.raises(ConfigError, match="expected 36 visual tokens"):
         FeaturePruner(PruningSettings("pool", budget=9), 4).reduce(torch.zeros(30, 8), layout, None)
+    with pytest.raises(ConfigError, match="needs the vision tower's internals"):
+        FeaturePruner(PruningSettings("visionzip", budget=9, vision_internals=True), 4).reduce(
+            torch.zeros(36, 8), layout, None
+        )
 
 
 def test_request_regions():

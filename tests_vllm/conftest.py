@@ -47,7 +47,10 @@ def crop_answers(hf_model, samples, settings: dict | None) -> list[tuple[list[in
     """(greedy new tokens, prompt tokens the LLM got) per sample, from crop's pruned generate, one request each
     (both stop at the end-of-sequence token, which both return)."""
     model, processor = hf_model
-    method = build_method("full") if settings is None else PruningSettings.from_config(settings).method_object()
+    if settings is None:
+        method = build_method("full")
+    else:
+        method = PruningSettings.from_config(settings, vision_internals=True).method_object()
     pruned = crop.apply(model, processor, method=method)
     answers = []
     try:

@@ -21,6 +21,8 @@ SETTINGS = [
     {"method": "crop", "budget": 30},
     {"method": "crop"},
     {"method": "crop", "layer": -1, "plc_ratio": 2},
+    {"method": "visionzip", "budget": 32},
+    {"method": "holov", "budget": 24},
 ]
 
 

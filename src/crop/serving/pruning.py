@@ -4,19 +4,20 @@ reserves its placeholders before the encoder runs) and the tokens themselves, fr
 
 Only methods acting wholly before the LLM fit an engine that gives every sequence one KV length across layers;
 those that prune inside the LLM are refused with the reason. Methods that read the vision tower's internals
-(VisionZip, HoloV) or a text tower (CDPruner) need more than the projected tokens and are refused too.
+(VisionZip, HoloV) run where the family's plugin gives them (LLaVA); CDPruner, which reads a CLIP text tower the
+VLM does not hold, is refused.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from crop.adapter import VisualLayout
+from crop.adapter import VisionCrops, VisionInternals, VisualLayout
 from crop.errors import ConfigError
 from crop.region import Region
 from crop.strategies.base import PreLLMMethod
@@ -32,21 +33,25 @@ BOX_KWARG = "crop_box"
 """A request's region as a box in image fractions, `[x0, y0, x1, y1]` in [0, 1]."""
 FEATURES_ONLY = ("pool", "random", "divprune", "crop")
 """Methods that need nothing beyond the projected visual tokens, the region and the budget."""
+VISION_READERS = ("visionzip", "holov")
+"""Methods that also read the vision tower's feature layer (its states, CLS attention and keys)."""
 ACCEPTED_KEYS = ("method", "budget", "layer", "plc_ratio", "seed")
 
 
 @dataclass(frozen=True)
 class PruningSettings:
-    """The plugin's settings, read from the model config's `crop` entry."""
+    """The plugin's settings, read from the model config's `crop` entry; `vision_internals` says whether the
+    family's plugin gives the vision tower's internals (then VisionZip and HoloV run too)."""
 
     method: str
     budget: int | None = None
     layer: int = 0
     plc_ratio: int | None = None
     seed: int = 0
+    vision_internals: bool = False
 
     @classmethod
-    def from_config(cls, entry: Any) -> PruningSettings:
+    def from_config(cls, entry: Any, vision_internals: bool = False) -> PruningSettings:
         """Settings from the config's `crop` entry (a mapping), refusing what cannot run before the LLM."""
         if not isinstance(entry, Mapping):
             raise ConfigError(
@@ -56,30 +61,45 @@ class PruningSettings:
         unknown = sorted(set(entry) - set(ACCEPTED_KEYS))
         if unknown:
             raise ConfigError(f"unknown crop settings {unknown}; accepted: {list(ACCEPTED_KEYS)}")
-        if "method" not in entry:
-            raise ConfigError(f"crop settings need a method, one of {list(FEATURES_ONLY)}")
-        settings = cls(**dict(entry))
+        settings = cls(**{"method": None, **entry}, vision_internals=vision_internals)
+        if settings.method is None:
+            raise ConfigError(f"crop settings need a method, one of {list(settings.supported)}")
         settings.method_object()
         return settings
+
+    @property
+    def supported(self) -> tuple[str, ...]:
+        """The methods these settings may name."""
+        return FEATURES_ONLY + (VISION_READERS if self.vision_internals else ())
+
+    @property
+    def reads_vision(self) -> bool:
+        return self.method in VISION_READERS
 
     def method_object(self) -> PreLLMMethod:
         """The crop method these settings name, numbered consecutively (the engine numbers its prompts so)."""
         name = self.method
         if name == "full":
             raise ConfigError("method 'full' prunes nothing: leave the crop architecture out to serve vLLM's own model")
-        if name not in FEATURES_ONLY:
+        supported = list(self.supported)
+        if name not in supported:
             if name in METHODS and METHODS[name].acts.startswith("inside"):
                 raise ConfigError(
                     f"method {name!r} prunes inside the LLM, which vLLM cannot run: its paged KV cache holds one "
                     f"length per sequence for every layer, and in-LLM pruning shortens later layers only. Methods "
-                    f"that act before the LLM: {list(FEATURES_ONLY)}"
+                    f"that act before the LLM: {supported}"
+                )
+            if name in VISION_READERS:
+                raise ConfigError(
+                    f"method {name!r} reads the vision tower's CLS attention, which this family's plugin does not "
+                    f"take from vLLM's encoder (LLaVA-1.5's does); supported here: {supported}"
                 )
             if name in METHODS:
                 raise ConfigError(
-                    f"method {name!r} reads more than the projected visual tokens (the vision tower's internals or "
-                    f"a text tower), which the engine's encoder does not return; supported: {list(FEATURES_ONLY)}"
+                    f"method {name!r} reads more than the VLM holds (CDPruner: a CLIP text tower), which vLLM's "
+                    f"engine does not load; supported: {supported}"
                 )
-            raise ConfigError(f"unknown method {name!r}; supported in vLLM: {list(FEATURES_ONLY)}")
+            raise ConfigError(f"unknown method {name!r}; supported in vLLM: {supported}")
         if name == "crop" and self.layer > 0:
             raise ConfigError(
                 f"crop with ILP at layer K = {self.layer} prunes inside the LLM, which vLLM cannot run (one KV "
@@ -162,28 +182,62 @@ class FeaturePruner:
         return self._stand_in_cells(VisualLayout(rows, cols, leading), region)
 
     def _stand_in_cells(self, layout: VisualLayout, region: Region | None) -> torch.Tensor:
-        stand_in = torch.randn(layout.num_tokens, 4, generator=torch.Generator().manual_seed(0))
-        return self._compressed(stand_in, layout, region).first_cell.cpu()
+        generator = torch.Generator().manual_seed(0)
+        stand_in = torch.randn(layout.num_tokens, 4, generator=generator)
+        vision, project = None, None
+        if self.settings.reads_vision:
+            grid = layout.num_tokens - layout.leading
+            states = torch.randn(1, 1 + grid, 4, generator=generator)
+            internals = VisionInternals(states, torch.rand(1, grid, generator=generator), states)
+            vision, project = VisionCrops(internals, torch.arange(grid)[None], torch.arange(grid)[None]), _identity
+        return self._compressed(stand_in, layout, region, vision, project).first_cell.cpu()
 
-    def reduce(self, features: torch.Tensor, layout: VisualLayout, region: Region | None) -> torch.Tensor:
-        """The tokens the LLM gets for one image `(kept, dim)` from its projected tokens `(tokens, dim)`."""
-        return self.reduce_with_cells(features, layout, region)[0]
+    def reduce(
+        self,
+        features: torch.Tensor,
+        layout: VisualLayout,
+        region: Region | None,
+        vision: VisionCrops | None = None,
+        project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The tokens the LLM gets for one image `(kept, dim)` from its projected tokens `(tokens, dim)` (and, for
+        methods that read it, the vision tower's internals on the image with the projector)."""
+        return self.reduce_with_cells(features, layout, region, vision, project)[0]
 
     def reduce_with_cells(
-        self, features: torch.Tensor, layout: VisualLayout, region: Region | None
+        self,
+        features: torch.Tensor,
+        layout: VisualLayout,
+        region: Region | None,
+        vision: VisionCrops | None = None,
+        project: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`reduce`'s tokens and, for the grid tokens among them, the cell each stands for (a pooled window: its
         first cell), computed from these features: what an engine places after its encoder ran."""
-        compressed = self._compressed(features, layout, region)
+        compressed = self._compressed(features, layout, region, vision, project)
         kept = compressed.features.to(features.dtype)
         tokens = torch.cat([features[: layout.leading], kept]) if layout.leading else kept
         return tokens, compressed.first_cell
 
-    def _compressed(self, features: torch.Tensor, layout: VisualLayout, region: Region | None) -> Compressed:
+    def _compressed(
+        self,
+        features: torch.Tensor,
+        layout: VisualLayout,
+        region: Region | None,
+        vision: VisionCrops | None,
+        project: Callable[[torch.Tensor], torch.Tensor] | None,
+    ) -> Compressed:
         self.check(layout, region)
         if features.shape[0] != layout.num_tokens:
             raise ConfigError(f"expected {layout.num_tokens} visual tokens for this image, got {features.shape[0]}")
-        call = CallContext.of_features([features], [layout], [region])
+        if self.settings.reads_vision and vision is None:
+            raise ConfigError(f"{self.method.describe()} needs the vision tower's internals on the image")
+        visions = None if vision is None else [vision]
+        call = CallContext.of_features([features], [layout], [region], vision=visions, project=project)
         compressed = self.method.reduce(call.image(0)).compressed
         assert compressed is not None, "a pre-LLM method returns the tokens that replace the grid"
         return compressed
+
+
+def _identity(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden

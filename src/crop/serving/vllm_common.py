@@ -23,15 +23,17 @@ BOX_FIELD = "crop_region_box"
 """The processor output that carries each image's region to the model."""
 
 
-def pruner_for(config: Any) -> FeaturePruner:
-    """The pruner the model config's `crop` entry describes (set with vLLM's `hf_overrides`)."""
+def pruner_for(config: Any, vision_internals: bool = False) -> FeaturePruner:
+    """The pruner the model config's `crop` entry describes (set with vLLM's `hf_overrides`); `vision_internals`:
+    the family's plugin gives the vision tower's internals (VisionZip, HoloV)."""
     entry = getattr(config, SETTINGS_KEY, None)
     if entry is None:
         raise ConfigError(
             f"the crop vLLM architectures need pruning settings in the model config: pass hf_overrides="
             f'{{"architectures": [...], "{SETTINGS_KEY}": {{"method": "divprune", "budget": 64}}}}'
         )
-    return FeaturePruner(PruningSettings.from_config(entry), config.get_text_config().num_hidden_layers)
+    settings = PruningSettings.from_config(entry, vision_internals)
+    return FeaturePruner(settings, config.get_text_config().num_hidden_layers)
 
 
 def box_tensor(region: Region | None, images: int) -> torch.Tensor:

@@ -3,6 +3,11 @@ two changes. The processor reserves as many placeholders per image as the method
 budget decide, before the encoder runs), and `embed_multimodal` returns those tokens, chosen from the projected
 visual tokens. vLLM numbers the prompt consecutively, so the kept tokens are numbered as crop's `compact`
 positions. Everything else (tower, projector, LLM, cache) is vLLM's, unchanged.
+
+VisionZip and HoloV read the tower's feature layer: its output states (CLS first), the CLS query's attention to
+the patches and the keys. vLLM builds the tower up to that layer and returns its output; the plugin takes the
+layer's input with a forward pre-hook held for that call, and computes the attention from the layer's own `qkv_proj`
+(vLLM's attention kernel returns no probabilities), as crop does on the Hugging Face tower.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import shutil
 from functools import cached_property
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import BatchFeature
 from vllm.config import VllmConfig
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
@@ -24,7 +31,8 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from crop.adapter import VisualLayout
+from crop.adapter import VisionCrops, VisionInternals, VisualLayout
+from crop.errors import ConfigError, UnsupportedModelError
 from crop.serving.pruning import FeaturePruner
 from crop.serving.vllm_common import BOX_FIELD, RegionProcessorMixin, pruner_for, region_of_box
 
@@ -37,10 +45,25 @@ def llava_layout(config) -> VisualLayout:
     return VisualLayout(rows=side, cols=side, leading=1 if config.vision_feature_select_strategy == "full" else 0)
 
 
+def llava_pruner(config) -> FeaturePruner:
+    """The config's pruner; VisionZip and HoloV run too (the plugin reads the tower's feature layer), given one
+    feature layer and the 'default' strategy (CLS not in the grid), as their authors' LLaVA has."""
+    pruner = pruner_for(config, vision_internals=True)
+    if pruner.settings.reads_vision and (
+        not isinstance(config.vision_feature_layer, int) or config.vision_feature_select_strategy != "default"
+    ):
+        raise UnsupportedModelError(
+            f"{pruner.settings.method} reads one vision feature layer with the 'default' strategy (CLS not in the "
+            f"grid); this model has layer {config.vision_feature_layer!r}, strategy "
+            f"{config.vision_feature_select_strategy!r}"
+        )
+    return pruner
+
+
 class CropLlavaProcessingInfo(LlavaProcessingInfo):
     @cached_property
     def pruner(self) -> FeaturePruner:
-        return pruner_for(self.get_hf_config())
+        return llava_pruner(self.get_hf_config())
 
     @cached_property
     def layout(self) -> VisualLayout:
@@ -75,11 +98,13 @@ class CropLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = vllm_config.model_config.hf_config
-        self.pruner = pruner_for(config)
+        self.pruner = llava_pruner(config)
         self.layout = llava_layout(config)
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         boxes = kwargs.pop(BOX_FIELD, None)
+        if self.pruner.settings.reads_vision:
+            return self._embed_with_internals(boxes, **kwargs)
         embeddings = super().embed_multimodal(**kwargs)
         if len(embeddings) == 0:
             return embeddings
@@ -87,6 +112,57 @@ class CropLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             self.pruner.reduce(image, self.layout, region_of_box(box))
             for image, box in zip(embeddings, boxes, strict=True)
         ]
+
+    def _embed_with_internals(self, boxes, **kwargs: object) -> MultiModalEmbeddings:
+        """The tower run once with its feature layer's internals taken, then the method on each image."""
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        if image_input["type"] != "pixel_values":
+            raise ConfigError(f"{self.pruner.method.describe()} reads the vision tower: send images, not embeddings")
+        internals = tower_internals(self.vision_tower, image_input["pixel_values"])
+        features = self.multi_modal_projector(internals.hidden[:, 1:])
+        cells = torch.arange(features.shape[1])[None]
+        return [
+            self.pruner.reduce(
+                features[b], self.layout, region_of_box(box),
+                VisionCrops(internals.crops(b, b + 1), cells, cells), self.multi_modal_projector,
+            )
+            for b, box in enumerate(boxes)
+        ]  # fmt: skip
+
+
+def tower_internals(tower: nn.Module, pixel_values: torch.Tensor) -> VisionInternals:
+    """vLLM's CLIP tower (built up to the feature layer) on `pixel_values` `(images, C, H, W)`: the feature
+    layer's output states (CLS first), the CLS query's attention to the patches summed over heads, and the keys
+    averaged over heads, from that layer's input (a pre-hook held for this call) and its own `qkv_proj`."""
+    layers = tower.vision_model.encoder.layers
+    layer = layers[-1]
+    attention = layer.self_attn
+    if attention.num_heads_per_partition != attention.num_heads:
+        raise UnsupportedModelError(
+            "VisionZip and HoloV sum the CLS attention over all heads; with tensor parallelism each rank holds "
+            f"{attention.num_heads_per_partition} of {attention.num_heads}: serve them with tensor_parallel_size=1"
+        )
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        captured["input"] = args[0]
+
+    handle = layer.register_forward_pre_hook(capture)
+    try:
+        hidden = tower(pixel_values, feature_select_strategy="full")
+    finally:
+        handle.remove()
+    qkv, _ = attention.qkv_proj(layer.layer_norm1(captured["input"]))
+    query, keys, _ = qkv.chunk(3, dim=-1)
+    images, length, _ = keys.shape
+    query = query[:, :1].view(images, 1, attention.num_heads, -1).transpose(1, 2)
+    keys = keys.view(images, length, attention.num_heads, -1).transpose(1, 2)
+    probabilities = ((query @ keys.transpose(-1, -2)) * attention.scale).float().softmax(-1)
+    return VisionInternals(
+        hidden=hidden, cls_attention=probabilities[:, :, 0, 1:].sum(1), keys=keys.mean(1), heads=attention.num_heads
+    )
 
 
 def save_for_vllm(checkpoint: str | Path, out: str | Path) -> Path:

@@ -46,6 +46,7 @@ class CallContext:
         self._side: list[torch.Tensor] | None = None
         self._vision: list[VisionCrops] | None = None
         self._masks: dict[int, torch.Tensor] = {}
+        self._project: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
     def of_features(
@@ -54,12 +55,18 @@ class CallContext:
         layouts: list[VisualLayout],
         regions: list[Region | None],
         questions: list[str] | None = None,
+        vision: list[VisionCrops] | None = None,
+        project: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> CallContext:
         """A call whose images' projected tokens were computed elsewhere (a serving engine's encoder): methods that
-        read the features, the region and the question run on it; those that read the vision tower's internals are
-        refused."""
+        read the features, the region and the question run on it; those that read the vision tower's internals
+        run when the engine gives them too (`vision`, with the `project`or that maps vision states to the LLM)."""
+        if (vision is None) != (project is None):
+            raise ValueError("give the vision tower's internals together with the projector that maps them")
         call = cls(None, {}, layouts, [Viewport()] * len(layouts), regions, questions)
         call._features = list(features)
+        call._vision = None if vision is None else list(vision)
+        call._project = project
         return call
 
     @property
@@ -85,7 +92,7 @@ class CallContext:
 
     def vision(self, row: int) -> VisionCrops:
         """Row `row`'s crops as the vision tower saw them (its feature layer's states, CLS attention, keys)."""
-        if self.adapter is None:
+        if self.adapter is None and self._vision is None:
             raise UnsupportedModelError(
                 "this method reads the vision tower's internals (its CLS attention or feature-layer states), which a "
                 "call on precomputed features does not have; use pool, random, divprune or crop"
@@ -93,6 +100,10 @@ class CallContext:
         if self._vision is None:
             self._vision = self.adapter.vision_crops(self.inputs)
         return self._vision[row]
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vision states through the model's projector into the LLM's embedding space."""
+        return self._project(hidden) if self._project is not None else self.adapter.project(hidden)
 
     def region_mask(self, row: int) -> torch.Tensor:
         """`(rows, cols)` mask of row `row`'s grid tokens inside its region."""
@@ -137,7 +148,7 @@ class ImageContext:
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vision states through the model's projector into the LLM's embedding space."""
-        return self.call.adapter.project(hidden)
+        return self.call.project(hidden)
 
     def vision_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Feature-layer vision states through the tower's final layer norm (CLIP's `post_layernorm`): the space
