@@ -20,6 +20,7 @@ from crop.region import Region, Viewport
 from crop.serving.pruning import FeaturePruner, PruningSettings
 from crop.serving.vllm_qwen2_5_vl import (
     ARCHITECTURE,
+    RUNNER_PLACES_POSITIONS,
     encode_cells,
     place_after_encoder,
     prompt_positions,
@@ -90,7 +91,10 @@ def crop_answers(checkpoint, requests, settings: dict | None) -> list[tuple[list
     return answers
 
 
-def vllm_answers(checkpoint, requests, settings: dict | None, **engine: object) -> list[tuple[list[int], int]]:
+def vllm_answers(
+    checkpoint, requests, settings: dict | None, rpc=None, **engine: object
+) -> list[tuple[list[int], int]]:
+    """vLLM's answers; `rpc`, if given, is run on the engine's workers before the requests."""
     _, processor = load_model(checkpoint)
     overrides = None if settings is None else {"architectures": [ARCHITECTURE], "crop": settings}
     llm = LLM(
@@ -103,6 +107,8 @@ def vllm_answers(checkpoint, requests, settings: dict | None, **engine: object) 
         for (image, question), box in zip(requests, REGIONS, strict=True)
     ]  # fmt: skip
     try:
+        if rpc is not None:
+            llm.collective_rpc(rpc)
         outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS))
     finally:
         del llm
@@ -122,6 +128,26 @@ def test_geometric_methods_with_vllms_pruning_switch(qwen_checkpoint, qwen_reque
     keeps placing them from the geometry), the answers are crop's."""
     settings = {"method": "crop", "budget": 9}
     got = vllm_answers(qwen_checkpoint, qwen_requests, settings, **AFTER_ENCODER)
+    assert got == crop_answers(qwen_checkpoint, qwen_requests, settings)
+
+
+def runner_places_positions(worker) -> None:
+    """What vLLM's GPU runner sets in `load_model` and its CPU runner leaves out: call the model's
+    `recompute_mrope_positions` after the encoder (multimodal pruning on)."""
+    worker.model_runner.is_multimodal_pruning_enabled = True
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"method": "divprune", "budget": 8}, {"method": "divprune", "budget": 20}, {"method": "pool", "budget": 12}],
+    ids=lambda e: "-".join(map(str, e.values())),
+)
+def test_positions_after_the_encoder_in_the_engine(qwen_checkpoint, qwen_requests, settings, monkeypatch):
+    """Through vLLM's own post-encoder path (its runner's `_gather_mm_embeddings` calling the model's
+    `recompute_mrope_positions`), switched on in the CPU runner as the GPU runner does: crop's answers."""
+    monkeypatch.setenv(RUNNER_PLACES_POSITIONS, "1")
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # the RPC below sends a function
+    got = vllm_answers(qwen_checkpoint, qwen_requests, settings, rpc=runner_places_positions, **AFTER_ENCODER)
     assert got == crop_answers(qwen_checkpoint, qwen_requests, settings)
 
 

@@ -14,6 +14,7 @@ EVS does for video). Images only: a video input is refused.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from functools import cached_property
 
@@ -45,11 +46,16 @@ CELL_DIGIT = 128
 below 256 are exact in bfloat16, so grids up to 16384 on a side survive any dtype."""
 
 
+RUNNER_PLACES_POSITIONS = "CROP_VLLM_CPU_RUNNER_PLACES_POSITIONS"
+"""Set to 1 where a CPU runner does call `recompute_mrope_positions` (vLLM's own does not; the tests make it)."""
+
+
 def positions_after_encoder(mm_config: MultiModalConfig) -> bool:
     """Whether vLLM's runner will place positions after the encoder (`recompute_mrope_positions`): with its
     multimodal pruning on, on runners that call it (vLLM 0.32's CPU runner never does: its `load_model` leaves
-    the flag the GPU runner sets at False)."""
-    return mm_config.is_multimodal_pruning_enabled() and not current_platform.is_cpu()
+    at False the flag that the GPU runner's sets)."""
+    calls_it = not current_platform.is_cpu() or os.environ.get(RUNNER_PLACES_POSITIONS) == "1"
+    return mm_config.is_multimodal_pruning_enabled() and calls_it
 
 
 def qwen_pruner(config, after_encoder: bool) -> FeaturePruner:
