@@ -13,7 +13,7 @@ from conftest import batch_inputs, on_grid
 import crop
 from crop.adapter import VisualLayout, adapter_for
 from crop.errors import ConfigError, RegionError
-from crop.region import Region
+from crop.region import Region, Viewport
 from crop.serving.pruning import FeaturePruner, PruningSettings, request_region
 
 SETTINGS = [
@@ -115,3 +115,26 @@ def test_request_regions():
         request_region({"crop_region": [2, 2, 5, 5], "crop_box": [0, 0, 1, 1]})
     with pytest.raises(ConfigError, match="four numbers"):
         request_region({"crop_box": [0, 0, 1]})
+
+
+def test_localizer_settings(tmp_path):
+    """Only a grid-box localizer VLM's directory runs in the engine, and only for a method that needs a region."""
+    assert PruningSettings.from_config({"method": "crop", "budget": 9, "localizer": str(tmp_path)}).localizer
+    with pytest.raises(ConfigError, match="computes only after the image's tokens are fixed"):
+        PruningSettings.from_config({"method": "crop", "localizer": "attention"})
+    with pytest.raises(ConfigError, match="is not a directory"):
+        PruningSettings.from_config({"method": "crop", "localizer": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match="needs no region: leave the localizer out"):
+        PruningSettings.from_config({"method": "pool", "budget": 9, "localizer": str(tmp_path)})
+
+
+def test_a_region_on_the_whole_image_is_placed_by_its_viewport():
+    """A localizer's region is on the whole image; a center-cropped wide image shows its middle only: the
+    region's cells are those its viewport puts on the grid."""
+    pruner = FeaturePruner(PruningSettings("crop"), 4)
+    layout = VisualLayout(rows=8, cols=8)
+    middle = Region(0.25, 0.0, 0.75, 1.0)
+    cropped = Viewport.center_crop(200, 100)  # the grid shows the image's middle half, x in [0.25, 0.75]
+    assert torch.equal(torch.unique(pruner.cells(layout, middle) % 8), torch.arange(2, 6))
+    assert torch.equal(torch.unique(pruner.cells(layout, middle, cropped) % 8), torch.arange(8))
+    assert pruner.count(layout, middle) == 32 and pruner.count(layout, middle, cropped) == 64

@@ -12,7 +12,11 @@ import pytest
 from conftest import NEW_TOKENS, REGIONS, crop_answers, engine
 from vllm import LLM, SamplingParams
 
+import crop
+from crop.localize.grid_vlm import GridVLMLocalizer
 from crop.prompting import build_prompt
+from crop.serving.pruning import PruningSettings
+from crop.synth.assets import SHIPPED_MODEL
 
 SETTINGS = [
     {"method": "pool", "budget": 16},
@@ -53,3 +57,39 @@ def test_vllm_answers_as_crop_does(checkpoint, hf_model, samples, settings):
     assert got == crop_answers(hf_model, samples, settings)
     pruned = [tokens < 256 for _, tokens in got]
     assert all(pruned) if settings is not None else not any(pruned), "pruned: fewer than the image's 256 tokens"
+
+
+@pytest.mark.parametrize("settings", [{"method": "crop", "budget": 30}, {"method": "crop"}], ids=setting_id)
+def test_the_plugins_localizer_answers_as_crops(checkpoint, hf_model, samples, settings):
+    """Settings that name a localizer run it in vLLM's processor on each request's image and question
+    (`crop_question`): vLLM's answers and prompt tokens equal crop's with the same localizer (`prepare` runs it);
+    a request without its question is refused, naming the kwarg."""
+    model, processor = hf_model
+    llm = engine(checkpoint, {**settings, "localizer": str(SHIPPED_MODEL)})
+    requests = [
+        {"prompt": build_prompt(processor, sample.question), "multi_modal_data": {"image": sample.image},
+         "mm_processor_kwargs": {"crop_question": sample.question}}
+        for sample in samples
+    ]  # fmt: skip
+    try:
+        outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS))
+        with pytest.raises(Exception, match="crop_question"):
+            llm.generate({**requests[0], "mm_processor_kwargs": {}}, SamplingParams(max_tokens=1))
+    finally:
+        del llm
+    got = [(list(output.outputs[0].token_ids), len(output.prompt_token_ids)) for output in outputs]
+    method = PruningSettings.from_config(settings).method_object()
+    localizer = GridVLMLocalizer.from_model(model, processor, SHIPPED_MODEL)
+    pruned = crop.apply(model, processor, method=method, localizer=localizer)
+    expected = []
+    try:
+        for sample in samples:
+            request = pruned.prepare(sample.image, sample.question)
+            sequences, stats = pruned.generate(request, max_new_tokens=NEW_TOKENS, do_sample=False)
+            prompt = request["input_ids"].shape[1]
+            text = prompt - stats.rows[0].image_tokens
+            expected.append((sequences[0, prompt:].tolist(), text + stats.rows[0].llm_input_tokens))
+    finally:
+        pruned.remove()
+    assert got == expected
+    assert all(tokens < 256 for _, tokens in got), "the localizer's regions leave out part of every image"

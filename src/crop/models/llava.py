@@ -31,20 +31,12 @@ class LlavaAdapter(ModelAdapter):
         return VisualLayout(rows=side, cols=side, leading=leading)
 
     def viewport(self, processor: Any, image_size: tuple[int, int]) -> Viewport:
-        width, height = image_size
-        image_processor = getattr(processor, "image_processor", processor)
-        if getattr(image_processor, "do_pad", False):
-            return Viewport.pad_to_square(width, height)
-        if getattr(image_processor, "do_center_crop", False):
-            return Viewport.center_crop(width, height)
-        return Viewport()
+        return llava_viewport(processor, image_size)
 
     def viewport_varies(self, processor: Any) -> bool:
         """The processor center-crops or pads each image by its size (unknown without one: assume it does)."""
         image_processor = getattr(processor, "image_processor", processor)
-        return processor is None or any(
-            getattr(image_processor, flag, False) for flag in ("do_pad", "do_center_crop")
-        )
+        return processor is None or any(getattr(image_processor, flag, False) for flag in ("do_pad", "do_center_crop"))
 
     def image_features(self, inputs: dict[str, Any]) -> list[torch.Tensor]:
         config = self.model.config
@@ -73,6 +65,18 @@ class LlavaAdapter(ModelAdapter):
     def vision_head(self, hidden: torch.Tensor) -> torch.Tensor:
         tower = self.model.model.vision_tower
         return getattr(tower, "vision_model", tower).post_layernorm(hidden)
+
+
+def llava_viewport(processor: Any, image_size: tuple[int, int]) -> Viewport:
+    """Where an image of `(width, height)` lands on LLaVA's grid: its processor pads it to a square or
+    center-crops it (resize shortest edge, then crop), or fills the grid."""
+    width, height = image_size
+    image_processor = getattr(processor, "image_processor", processor)
+    if getattr(image_processor, "do_pad", False):
+        return Viewport.pad_to_square(width, height)
+    if getattr(image_processor, "do_center_crop", False):
+        return Viewport.center_crop(width, height)
+    return Viewport()
 
 
 def clip_internals(model: nn.Module, pixel_values: torch.Tensor) -> VisionInternals:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from crop.adapter import VisionCrops, VisionInternals, VisualLayout
 from crop.errors import ConfigError
-from crop.region import Region
+from crop.region import Region, Viewport
 from crop.strategies.base import PreLLMMethod
 from crop.strategies.context import CallContext
 from crop.strategies.plc import Compressed
@@ -31,23 +32,27 @@ REGION_KWARG = "crop_region"
 """A request's region as a box on the 8x8 grid, `[xmin, ymin, xmax, ymax]` (blocks, inclusive)."""
 BOX_KWARG = "crop_box"
 """A request's region as a box in image fractions, `[x0, y0, x1, y1]` in [0, 1]."""
+QUESTION_KWARG = "crop_question"
+"""A request's question, for the plugin's localizer (vLLM's processor sees the images, not the prompt)."""
 FEATURES_ONLY = ("pool", "random", "divprune", "crop")
 """Methods that need nothing beyond the projected visual tokens, the region and the budget."""
 VISION_READERS = ("visionzip", "holov")
 """Methods that also read the vision tower's feature layer (its states, CLS attention and keys)."""
-ACCEPTED_KEYS = ("method", "budget", "layer", "plc_ratio", "seed")
+ACCEPTED_KEYS = ("method", "budget", "layer", "plc_ratio", "seed", "localizer")
 
 
 @dataclass(frozen=True)
 class PruningSettings:
-    """The plugin's settings, read from the model config's `crop` entry; `vision_internals` says whether the
-    family's plugin gives the vision tower's internals (then VisionZip and HoloV run too)."""
+    """The plugin's settings, read from the model config's `crop` entry; `localizer`: the directory of a grid-box
+    localizer VLM the plugin runs on requests that bring their question but no region; `vision_internals` says
+    whether the family's plugin gives the vision tower's internals (then VisionZip and HoloV run too)."""
 
     method: str
     budget: int | None = None
     layer: int = 0
     plc_ratio: int | None = None
     seed: int = 0
+    localizer: str | None = None
     vision_internals: bool = False
 
     @classmethod
@@ -65,7 +70,24 @@ class PruningSettings:
         if settings.method is None:
             raise ConfigError(f"crop settings need a method, one of {list(settings.supported)}")
         settings.method_object()
+        settings.check_localizer()
         return settings
+
+    def check_localizer(self) -> None:
+        """Refuse a localizer the plugin cannot run: only a grid-box localizer VLM's directory runs (in vLLM's
+        processor, before the engine fixes the image's tokens)."""
+        if self.localizer is None:
+            return
+        if str(self.localizer).lower() in ("attention", "default"):
+            raise ConfigError(
+                "the attention localizer reads the LLM's own attention on the whole image, which vLLM computes only "
+                "after the image's tokens are fixed and exposes to no model code: give a grid-box localizer VLM's "
+                "directory, or send each request's region"
+            )
+        if not Path(self.localizer).is_dir():
+            raise ConfigError(f"localizer {self.localizer!r} is not a directory (a grid-box localizer VLM's)")
+        if not self.method_object().needs_region:
+            raise ConfigError(f"{self.method_object().describe()} needs no region: leave the localizer out")
 
     @property
     def supported(self) -> tuple[str, ...]:
@@ -162,26 +184,31 @@ class FeaturePruner:
             raise ConfigError(
                 f"{self.method.describe()} needs the contextual region: pass mm_processor_kwargs "
                 f"{{{REGION_KWARG!r}: [xmin, ymin, xmax, ymax]}} (8x8 grid blocks) or {{{BOX_KWARG!r}: [x0, y0, x1, "
-                "y1]}} (image fractions) with the request"
+                f"y1]}} (image fractions) with the request, or {{{QUESTION_KWARG!r}: ...}} to an engine whose crop "
+                "settings name a localizer"
             )
 
-    def count(self, layout: VisualLayout, region: Region | None) -> int:
+    def count(self, layout: VisualLayout, region: Region | None, viewport: Viewport | None = None) -> int:
         """How many tokens an image with this layout and region gets (leading tokens included)."""
-        return layout.leading + self.cells(layout, region).numel()
+        return layout.leading + self.cells(layout, region, viewport).numel()
 
-    def cells(self, layout: VisualLayout, region: Region | None) -> torch.Tensor:
+    def cells(self, layout: VisualLayout, region: Region | None, viewport: Viewport | None = None) -> torch.Tensor:
         """The grid cell each kept token stands for (a pooled window: its first cell), in prompt order: the method
         run on stand-in features, since every supported method's count depends on the geometry and budget only
-        (and, for `pool`, `random` and `crop`, its cells too: DivPrune's depend on the features)."""
+        (and, for `pool`, `random` and `crop`, its cells too: DivPrune's depend on the features). `viewport`:
+        where the image lies on the grid, for a region given on the whole image (a localizer's)."""
         self.check(layout, region)
+        viewport = viewport or Viewport()
         if layout.cells is not None:
-            return self._stand_in_cells(layout, region)
-        return self._grid_cells(layout.rows, layout.cols, layout.leading, region).clone()
+            return self._stand_in_cells(layout, region, viewport)
+        return self._grid_cells(layout.rows, layout.cols, layout.leading, region, viewport).clone()
 
-    def _single_grid_cells(self, rows: int, cols: int, leading: int, region: Region | None) -> torch.Tensor:
-        return self._stand_in_cells(VisualLayout(rows, cols, leading), region)
+    def _single_grid_cells(
+        self, rows: int, cols: int, leading: int, region: Region | None, viewport: Viewport
+    ) -> torch.Tensor:
+        return self._stand_in_cells(VisualLayout(rows, cols, leading), region, viewport)
 
-    def _stand_in_cells(self, layout: VisualLayout, region: Region | None) -> torch.Tensor:
+    def _stand_in_cells(self, layout: VisualLayout, region: Region | None, viewport: Viewport) -> torch.Tensor:
         generator = torch.Generator().manual_seed(0)
         stand_in = torch.randn(layout.num_tokens, 4, generator=generator)
         vision, project = None, None
@@ -190,7 +217,7 @@ class FeaturePruner:
             states = torch.randn(1, 1 + grid, 4, generator=generator)
             internals = VisionInternals(states, torch.rand(1, grid, generator=generator), states)
             vision, project = VisionCrops(internals, torch.arange(grid)[None], torch.arange(grid)[None]), _identity
-        return self._compressed(stand_in, layout, region, vision, project).first_cell.cpu()
+        return self._compressed(stand_in, layout, region, vision, project, viewport).first_cell.cpu()
 
     def reduce(
         self,
@@ -199,10 +226,11 @@ class FeaturePruner:
         region: Region | None,
         vision: VisionCrops | None = None,
         project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        viewport: Viewport | None = None,
     ) -> torch.Tensor:
         """The tokens the LLM gets for one image `(kept, dim)` from its projected tokens `(tokens, dim)` (and, for
         methods that read it, the vision tower's internals on the image with the projector)."""
-        return self.reduce_with_cells(features, layout, region, vision, project)[0]
+        return self.reduce_with_cells(features, layout, region, vision, project, viewport)[0]
 
     def reduce_with_cells(
         self,
@@ -211,10 +239,11 @@ class FeaturePruner:
         region: Region | None,
         vision: VisionCrops | None = None,
         project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        viewport: Viewport | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`reduce`'s tokens and, for the grid tokens among them, the cell each stands for (a pooled window: its
         first cell), computed from these features: what an engine places after its encoder ran."""
-        compressed = self._compressed(features, layout, region, vision, project)
+        compressed = self._compressed(features, layout, region, vision, project, viewport or Viewport())
         kept = compressed.features.to(features.dtype)
         tokens = torch.cat([features[: layout.leading], kept]) if layout.leading else kept
         return tokens, compressed.first_cell
@@ -226,6 +255,7 @@ class FeaturePruner:
         region: Region | None,
         vision: VisionCrops | None,
         project: Callable[[torch.Tensor], torch.Tensor] | None,
+        viewport: Viewport,
     ) -> Compressed:
         self.check(layout, region)
         if features.shape[0] != layout.num_tokens:
@@ -233,7 +263,9 @@ class FeaturePruner:
         if self.settings.reads_vision and vision is None:
             raise ConfigError(f"{self.method.describe()} needs the vision tower's internals on the image")
         visions = None if vision is None else [vision]
-        call = CallContext.of_features([features], [layout], [region], vision=visions, project=project)
+        call = CallContext.of_features(
+            [features], [layout], [region], vision=visions, project=project, viewports=[viewport]
+        )
         compressed = self.method.reduce(call.image(0)).compressed
         assert compressed is not None, "a pre-LLM method returns the tokens that replace the grid"
         return compressed

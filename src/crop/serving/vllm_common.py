@@ -1,9 +1,12 @@
-"""What every vLLM family of the plugin shares: the settings read from the model config, and the request's region
-carried from the processor to the model as one `(4,)` box per image (image fractions; NaN: no region)."""
+"""What every vLLM family of the plugin shares: the settings read from the model config, the request's region
+(given, or found by the plugin's localizer in vLLM's processor) carried from the processor to the model as one
+`(8,)` row per image: the region's box in image fractions (NaN: no region), then the viewport that places the
+image on the token grid."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,8 +19,17 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from crop.adapter import VisualLayout
 from crop.errors import ConfigError
-from crop.region import Region
-from crop.serving.pruning import BOX_KWARG, REGION_KWARG, SETTINGS_KEY, FeaturePruner, PruningSettings, request_region
+from crop.localize.grid_vlm import GridVLMLocalizer
+from crop.region import Region, Viewport
+from crop.serving.pruning import (
+    BOX_KWARG,
+    QUESTION_KWARG,
+    REGION_KWARG,
+    SETTINGS_KEY,
+    FeaturePruner,
+    PruningSettings,
+    request_region,
+)
 
 BOX_FIELD = "crop_region_box"
 """The processor output that carries each image's region to the model."""
@@ -36,16 +48,27 @@ def pruner_for(config: Any, vision_internals: bool = False) -> FeaturePruner:
     return FeaturePruner(settings, config.get_text_config().num_hidden_layers)
 
 
-def box_tensor(region: Region | None, images: int) -> torch.Tensor:
-    """`(images, 4)`: the region's box for each image of a request, NaN where there is none."""
-    box = [math.nan] * 4 if region is None else [region.x0, region.y0, region.x1, region.y1]
-    return torch.tensor([box] * images, dtype=torch.float64)
+def box_tensor(placed: Sequence[tuple[Region | None, Viewport]]) -> torch.Tensor:
+    """`(images, 8)`: per image of a request, its region's box (NaN where there is none) and its viewport."""
+    rows = []
+    for region, viewport in placed:
+        box = [math.nan] * 4 if region is None else [region.x0, region.y0, region.x1, region.y1]
+        rows.append(box + [viewport.left, viewport.top, viewport.right, viewport.bottom])
+    return torch.tensor(rows, dtype=torch.float64)
 
 
-def region_of_box(box: torch.Tensor) -> Region | None:
-    """The region a `box_tensor` row holds."""
+def region_of_box(box: torch.Tensor) -> tuple[Region | None, Viewport]:
+    """The region and viewport a `box_tensor` row holds."""
     values = [float(v) for v in box.reshape(-1)]
-    return None if any(math.isnan(v) for v in values) else Region(*values)
+    region = None if any(math.isnan(v) for v in values[:4]) else Region(*values[:4])
+    return region, Viewport(*values[4:])
+
+
+@functools.lru_cache(maxsize=2)
+def grid_localizer(path: str) -> GridVLMLocalizer:
+    """The settings' localizer VLM, loaded once per process on the first request that needs it (vLLM's
+    processor runs in its front-end process, on CPU)."""
+    return GridVLMLocalizer.from_pretrained(path)
 
 
 class RegionProcessorMixin:
@@ -66,6 +89,10 @@ class RegionProcessorMixin:
     def image_token_id(self) -> int:
         raise NotImplementedError
 
+    def image_viewport(self, image: Any) -> Viewport:
+        """Where a whole image lands on the token grid after the family's processor (for localizer regions)."""
+        return Viewport()
+
     def _get_prompt_updates(
         self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object], out_mm_kwargs: Any
     ) -> Sequence[PromptUpdate]:
@@ -74,7 +101,8 @@ class RegionProcessorMixin:
 
         def replacement(item_idx: int) -> list[int]:
             item = out_mm_kwargs["image"][item_idx]
-            return [token] * self.info.pruner.count(self.item_layout(item), region_of_box(item[BOX_FIELD].data))
+            region, viewport = region_of_box(item[BOX_FIELD].data)
+            return [token] * self.info.pruner.count(self.item_layout(item), region, viewport)
 
         return [PromptReplacement(modality="image", target=[token], replacement=replacement)]
 
@@ -83,16 +111,34 @@ class RegionProcessorMixin:
         return dataclasses.replace(inputs, hf_processor_mm_kwargs={BOX_KWARG: [0.0, 0.0, 1.0, 1.0]})
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        own = {key: hf_kwargs[key] for key in (REGION_KWARG, BOX_KWARG) if key in hf_kwargs}
+        own = {key: hf_kwargs[key] for key in (REGION_KWARG, BOX_KWARG, QUESTION_KWARG) if key in hf_kwargs}
         rest = {key: value for key, value in hf_kwargs.items() if key not in own}
         processed = super()._call_hf_processor(hf_data, rest)
         layouts = self.image_layouts(processed)
         if layouts:
-            region = request_region(own)
-            for layout in layouts:
+            placed = self._placed_regions(own, list(hf_data.get("images") or []), len(layouts))
+            for layout, (region, _) in zip(layouts, placed, strict=True):
                 self.info.pruner.check(layout, region)
-            processed[BOX_FIELD] = box_tensor(region, len(layouts))
+            processed[BOX_FIELD] = box_tensor(placed)
         return processed
+
+    def _placed_regions(
+        self, own: Mapping[str, object], images: list[Any], count: int
+    ) -> list[tuple[Region | None, Viewport]]:
+        """Each image's region and viewport: the request's region on the image as the model sees it, or, for a
+        method that needs one and settings that name a localizer, the localizer's on each whole image."""
+        region = request_region(own)
+        settings = self.info.pruner.settings
+        if region is not None or settings.localizer is None or not self.info.pruner.needs_region:
+            return [(region, Viewport())] * count
+        question = own.get(QUESTION_KWARG)
+        if not isinstance(question, str) or not question.strip():
+            raise ConfigError(
+                f"this engine's localizer needs each request's question: pass mm_processor_kwargs "
+                f"{{{QUESTION_KWARG!r}: '...'}} (vLLM's processor does not see the prompt), or the region itself"
+            )
+        localizer = grid_localizer(settings.localizer)
+        return [(localizer.localize(image, question), self.image_viewport(image)) for image in images]
 
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]

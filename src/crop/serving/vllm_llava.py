@@ -33,6 +33,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from crop.adapter import VisionCrops, VisionInternals, VisualLayout
 from crop.errors import ConfigError, UnsupportedModelError
+from crop.models.llava import llava_viewport
+from crop.region import Viewport
 from crop.serving.pruning import FeaturePruner
 from crop.serving.vllm_common import BOX_FIELD, RegionProcessorMixin, pruner_for, region_of_box
 
@@ -88,6 +90,9 @@ class CropLlavaMultiModalProcessor(RegionProcessorMixin, LlavaMultiModalProcesso
     def image_token_id(self) -> int:
         return self.info.get_hf_config().image_token_index
 
+    def image_viewport(self, image) -> Viewport:
+        return llava_viewport(self.info.get_hf_processor(), image.size)
+
 
 @MULTIMODAL_REGISTRY.register_processor(
     CropLlavaMultiModalProcessor, info=CropLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
@@ -108,10 +113,11 @@ class CropLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         embeddings = super().embed_multimodal(**kwargs)
         if len(embeddings) == 0:
             return embeddings
-        return [
-            self.pruner.reduce(image, self.layout, region_of_box(box))
-            for image, box in zip(embeddings, boxes, strict=True)
-        ]
+        kept = []
+        for image, box in zip(embeddings, boxes, strict=True):
+            region, viewport = region_of_box(box)
+            kept.append(self.pruner.reduce(image, self.layout, region, viewport=viewport))
+        return kept
 
     def _embed_with_internals(self, boxes, **kwargs: object) -> MultiModalEmbeddings:
         """The tower run once with its feature layer's internals taken, then the method on each image."""
@@ -123,13 +129,14 @@ class CropLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         internals = tower_internals(self.vision_tower, image_input["pixel_values"])
         features = self.multi_modal_projector(internals.hidden[:, 1:])
         cells = torch.arange(features.shape[1])[None]
-        return [
-            self.pruner.reduce(
-                features[b], self.layout, region_of_box(box),
-                VisionCrops(internals.crops(b, b + 1), cells, cells), self.multi_modal_projector,
+        kept = []
+        for b, box in enumerate(boxes):
+            region, viewport = region_of_box(box)
+            vision = VisionCrops(internals.crops(b, b + 1), cells, cells)
+            kept.append(
+                self.pruner.reduce(features[b], self.layout, region, vision, self.multi_modal_projector, viewport)
             )
-            for b, box in enumerate(boxes)
-        ]  # fmt: skip
+        return kept
 
 
 def tower_internals(tower: nn.Module, pixel_values: torch.Tensor) -> VisionInternals:

@@ -157,7 +157,8 @@ class CropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
         kept = []
         for image, grid, box in zip(embeddings, grids, boxes, strict=True):
             layout = grid_layout(grid, self.merge)
-            tokens, cells = self.pruner.reduce_with_cells(image, layout, region_of_box(box))
+            region, viewport = region_of_box(box)
+            tokens, cells = self.pruner.reduce_with_cells(image, layout, region, viewport=viewport)
             if self.positions_after_encoder:
                 tokens = torch.cat([tokens, encode_cells(cells.to(tokens.device), layout.cols, tokens.dtype)], dim=1)
             kept.append(tokens)
@@ -167,10 +168,10 @@ class CropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
         """The raster cells (first cells of pooled windows) of the tokens one image keeps, in prompt order; with
         positions placed after the encoder, the image's first cell for each (`place_after_encoder` moves them)."""
         layout = grid_layout(feature.data["image_grid_thw"].data, self.merge)
-        region = region_of_box(feature.data[BOX_FIELD].data)
+        region, viewport = region_of_box(feature.data[BOX_FIELD].data)
         if self.positions_after_encoder:
-            return torch.zeros(self.pruner.count(layout, region), dtype=torch.long)
-        return self.pruner.cells(layout, region)
+            return torch.zeros(self.pruner.count(layout, region, viewport), dtype=torch.long)
+        return self.pruner.cells(layout, region, viewport)
 
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]

@@ -57,13 +57,15 @@ class CallContext:
         questions: list[str] | None = None,
         vision: list[VisionCrops] | None = None,
         project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        viewports: list[Viewport] | None = None,
     ) -> CallContext:
         """A call whose images' projected tokens were computed elsewhere (a serving engine's encoder): methods that
         read the features, the region and the question run on it; those that read the vision tower's internals
-        run when the engine gives them too (`vision`, with the `project`or that maps vision states to the LLM)."""
+        run when the engine gives them too (`vision`, with the `project`or that maps vision states to the LLM).
+        `viewports`: where each image lies on its grid (for regions given on the whole image)."""
         if (vision is None) != (project is None):
             raise ValueError("give the vision tower's internals together with the projector that maps them")
-        call = cls(None, {}, layouts, [Viewport()] * len(layouts), regions, questions)
+        call = cls(None, {}, layouts, viewports or [Viewport()] * len(layouts), regions, questions)
         call._features = list(features)
         call._vision = None if vision is None else list(vision)
         call._project = project
