@@ -8,32 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import QUESTIONS, batch_inputs, qwen_batch
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig
+from transformers import CLIPTextModelWithProjection
 
 import crop
 from crop.errors import ConfigError, UnsupportedModelError
 from crop.stats import FINE
 from crop.strategies.cdpruner import CDPruner, ClipText, conditional_dpp, relevance_scores
 from crop.strategies.registry import build_method
-from crop.testing.llava import build_tokenizer
+from crop.testing.clip import tiny_clip
 from crop.testing.qwen2_vl import build_qwen_model, build_qwen_processor
-
-CONTEXT = 8
-"""The tiny text tower's context length: the questions' token ids span one or two segments."""
-
-
-def tiny_clip(vision_hidden: int = 32, seed: int = 0) -> tuple[CLIPModel, object]:
-    """A random-weight CLIP (text tower of `CONTEXT` positions, projections to 16) and a word-level tokenizer."""
-    tokenizer = build_tokenizer()
-    text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=2, max_position_embeddings=CONTEXT, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                          projection_dim=16)  # fmt: skip
-    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=64, num_hidden_layers=1,
-                              num_attention_heads=2, image_size=28, patch_size=14, projection_dim=16)  # fmt: skip
-    torch.manual_seed(seed)
-    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
-    return model.eval(), tokenizer
 
 
 @pytest.fixture(scope="module")

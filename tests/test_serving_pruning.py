@@ -8,13 +8,14 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import batch_inputs, on_grid
+from conftest import QUESTIONS, batch_inputs, on_grid
 
 import crop
 from crop.adapter import VisualLayout, adapter_for
 from crop.errors import ConfigError, RegionError
 from crop.region import Region, Viewport
-from crop.serving.pruning import FeaturePruner, PruningSettings, request_region
+from crop.serving.pruning import FeaturePruner, PruningSettings, TowerOutputs, request_region
+from crop.testing.clip import tiny_clip
 
 SETTINGS = [
     {"method": "pool", "budget": 16},
@@ -25,6 +26,7 @@ SETTINGS = [
     {"method": "crop", "layer": -1, "plc_ratio": 2},
     {"method": "visionzip", "budget": 20},
     {"method": "holov", "budget": 18},
+    {"method": "cdpruner", "budget": 12},
 ]
 REGIONS = [Region.from_grid([2, 2, 5, 5]), Region.from_grid([0, 0, 3, 7]), Region.from_grid([6, 6, 7, 7])]
 
@@ -42,15 +44,27 @@ def engine_logits(model, ids: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         ]
 
 
+@pytest.fixture(scope="module")
+def clip_path(tmp_path_factory, sdpa_model) -> str:
+    """A tiny CLIP beside the tiny LLaVA (its vision width), saved for CDPruner's `clip` setting."""
+    folder = tmp_path_factory.mktemp("clip")
+    model, tokenizer = tiny_clip(sdpa_model.config.vision_config.hidden_size)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.mark.parametrize("entry", SETTINGS, ids=lambda e: "-".join(str(v) for v in e.values()))
-def test_the_engine_prompt_equals_crops_compact_call(sdpa_model, processor, entry):
+def test_the_engine_prompt_equals_crops_compact_call(sdpa_model, processor, entry, clip_path):
+    if entry["method"] == "cdpruner":
+        entry = {**entry, "clip": clip_path}
     settings = PruningSettings.from_config(entry, vision_internals=True)
     pruner = FeaturePruner(settings, sdpa_model.config.text_config.num_hidden_layers)
     adapter = adapter_for(sdpa_model)
     inputs = batch_inputs(processor, 3)
     pruned = crop.apply(sdpa_model, processor, method=settings.method_object())
     try:
-        output, stats = pruned(**inputs, **on_grid(REGIONS))
+        output, stats = pruned(**inputs, **on_grid(REGIONS), questions=QUESTIONS[:3])
     finally:
         pruned.remove()
     side = sdpa_model.config.vision_config.image_size // sdpa_model.config.vision_config.patch_size
@@ -62,7 +76,8 @@ def test_the_engine_prompt_equals_crops_compact_call(sdpa_model, processor, entr
         if settings.method == "random":  # crop's batch call draws row r with seed + r, an engine every image with seed
             pruner = FeaturePruner(dataclasses.replace(settings, seed=settings.seed + row), pruner.num_layers)
         vision = adapter.vision_crops({"pixel_values": inputs["pixel_values"][row : row + 1]})[0]
-        kept = pruner.reduce(features, layout, REGIONS[row], vision, adapter.project)
+        tower = TowerOutputs(vision, adapter.project, adapter.vision_head)
+        kept = pruner.reduce(features, layout, REGIONS[row], tower=tower, question=QUESTIONS[row])
         assert kept.shape[0] == pruner.count(layout, REGIONS[row]) == stats.rows[row].llm_input_tokens
         ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
         torch.testing.assert_close(output.logits[row, -1], engine_logits(sdpa_model, ids, kept), atol=1e-5, rtol=0)
@@ -74,8 +89,8 @@ def test_the_engine_prompt_equals_crops_compact_call(sdpa_model, processor, entr
         ({"method": "fastv", "budget": 8}, "prunes inside the LLM"),
         ({"method": "sparsevlm", "budget": 8}, "prunes inside the LLM"),
         ({"method": "crop", "layer": 2}, "layer K = 2 prunes inside the LLM"),
-        ({"method": "visionzip", "budget": 8}, "reads the vision tower's CLS attention"),
-        ({"method": "cdpruner", "budget": 8}, "reads more than the VLM holds (CDPruner: a CLIP text tower)"),
+        ({"method": "visionzip", "budget": 8}, "which this family lacks"),
+        ({"method": "cdpruner", "budget": 8}, "reads a CLIP vision tower's feature layer"),
         ({"method": "full"}, "prunes nothing"),
         ({"method": "nope", "budget": 8}, "unknown method 'nope'"),
         ({"method": "pool", "budget": 8, "ratio": 2}, "unknown crop settings ['ratio']"),
@@ -138,3 +153,10 @@ def test_a_region_on_the_whole_image_is_placed_by_its_viewport():
     assert torch.equal(torch.unique(pruner.cells(layout, middle) % 8), torch.arange(2, 6))
     assert torch.equal(torch.unique(pruner.cells(layout, middle, cropped) % 8), torch.arange(8))
     assert pruner.count(layout, middle) == 32 and pruner.count(layout, middle, cropped) == 64
+
+
+def test_cdpruner_needs_its_clip_and_a_question(clip_path):
+    with pytest.raises(ConfigError, match='add "clip"'):
+        PruningSettings.from_config({"method": "cdpruner", "budget": 8}, vision_internals=True)
+    settings = PruningSettings.from_config({"method": "cdpruner", "budget": 8, "clip": clip_path}, True)
+    assert settings.reads_question and FeaturePruner(settings, 4).count(VisualLayout(rows=6, cols=6), None) == 8

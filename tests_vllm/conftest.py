@@ -15,6 +15,7 @@ from crop.serving.vllm_llava import ARCHITECTURE, save_for_vllm
 from crop.strategies.registry import build_method
 from crop.synth.assets import SHIPPED_MODEL, model_task
 from crop.synth.scene import make_sample
+from crop.testing.clip import tiny_clip
 
 NEW_TOKENS = 4
 REGIONS = [[2, 2, 5, 5], [0, 0, 3, 7], [4, 1, 7, 6], [6, 6, 7, 7]]
@@ -23,6 +24,17 @@ REGIONS = [[2, 2, 5, 5], [0, 0, 3, 7], [4, 1, 7, 6], [6, 6, 7, 7]]
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     return save_for_vllm(SHIPPED_MODEL, tmp_path_factory.mktemp("synth-vllm"))
+
+
+@pytest.fixture(scope="session")
+def clip_checkpoint(tmp_path_factory):
+    """A tiny random CLIP beside the shipped model (its vision width), for CDPruner's `clip` setting."""
+    folder = tmp_path_factory.mktemp("clip")
+    width = load_model(SHIPPED_MODEL)[0].config.vision_config.hidden_size
+    model, tokenizer = tiny_clip(width)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
 @pytest.fixture(scope="session")

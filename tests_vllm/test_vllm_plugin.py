@@ -93,3 +93,35 @@ def test_the_plugins_localizer_answers_as_crops(checkpoint, hf_model, samples, s
         pruned.remove()
     assert got == expected
     assert all(tokens < 256 for _, tokens in got), "the localizer's regions leave out part of every image"
+
+
+def test_cdpruner_answers_as_crops(checkpoint, hf_model, samples, clip_checkpoint):
+    """CDPruner reads each request's question (`crop_question`) with CLIP's text tower in the engine: vLLM's
+    answers and prompt tokens equal crop's on the same questions; a request without its question is refused."""
+    model, processor = hf_model
+    settings = {"method": "cdpruner", "budget": 24, "clip": clip_checkpoint}
+    llm = engine(checkpoint, settings)
+    requests = [
+        {"prompt": build_prompt(processor, sample.question), "multi_modal_data": {"image": sample.image},
+         "mm_processor_kwargs": {"crop_question": sample.question}}
+        for sample in samples
+    ]  # fmt: skip
+    try:
+        outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS))
+        with pytest.raises(Exception, match="crop_question"):
+            llm.generate({**requests[0], "mm_processor_kwargs": {}}, SamplingParams(max_tokens=1))
+    finally:
+        del llm
+    got = [(list(output.outputs[0].token_ids), len(output.prompt_token_ids)) for output in outputs]
+    pruned = crop.apply(model, processor, method=PruningSettings.from_config(settings, True).method_object())
+    expected = []
+    try:
+        for sample in samples:
+            request = pruned.prepare(sample.image, sample.question)
+            sequences, stats = pruned.generate(request, max_new_tokens=NEW_TOKENS, do_sample=False)
+            prompt = request["input_ids"].shape[1]
+            expected.append((sequences[0, prompt:].tolist(), prompt - stats.rows[0].image_tokens + 24))
+            assert stats.rows[0].llm_input_tokens == 24
+    finally:
+        pruned.remove()
+    assert got == expected

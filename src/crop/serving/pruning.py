@@ -36,16 +36,33 @@ QUESTION_KWARG = "crop_question"
 """A request's question, for the plugin's localizer (vLLM's processor sees the images, not the prompt)."""
 FEATURES_ONLY = ("pool", "random", "divprune", "crop")
 """Methods that need nothing beyond the projected visual tokens, the region and the budget."""
-VISION_READERS = ("visionzip", "holov")
-"""Methods that also read the vision tower's feature layer (its states, CLS attention and keys)."""
-ACCEPTED_KEYS = ("method", "budget", "layer", "plc_ratio", "seed", "localizer")
+VISION_READERS = ("visionzip", "holov", "cdpruner")
+"""Methods that also read the vision tower's feature layer (its states, CLS attention and keys; CDPruner: the
+patch states through the tower's final norm, with CLIP's text tower on the question)."""
+QUESTION_READERS = ("cdpruner",)
+"""Methods that read each request's question."""
+BUDGET_COUNTED = ("cdpruner",)
+"""Methods whose stand-in run would need what only a real request has (a question, CLIP's towers): they keep
+exactly `budget` tokens, numbered consecutively, so they serve families with consecutive positions only."""
+ACCEPTED_KEYS = ("method", "budget", "layer", "plc_ratio", "seed", "localizer", "clip")
+
+
+@dataclass(frozen=True)
+class TowerOutputs:
+    """What an engine's vision tower gives for one image beyond its projected tokens, for methods that read it:
+    the feature layer's internals, the projector from vision states to the LLM and the tower's final norm."""
+
+    vision: VisionCrops
+    project: Callable[[torch.Tensor], torch.Tensor]
+    vision_head: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
 class PruningSettings:
     """The plugin's settings, read from the model config's `crop` entry; `localizer`: the directory of a grid-box
-    localizer VLM the plugin runs on requests that bring their question but no region; `vision_internals` says
-    whether the family's plugin gives the vision tower's internals (then VisionZip and HoloV run too)."""
+    localizer VLM the plugin runs on requests that bring their question but no region; `clip`: CDPruner's CLIP
+    checkpoint; `vision_internals` says whether the family's plugin gives the vision tower's internals (then
+    VisionZip, HoloV and CDPruner run too)."""
 
     method: str
     budget: int | None = None
@@ -53,6 +70,7 @@ class PruningSettings:
     plc_ratio: int | None = None
     seed: int = 0
     localizer: str | None = None
+    clip: str | None = None
     vision_internals: bool = False
 
     @classmethod
@@ -98,8 +116,16 @@ class PruningSettings:
     def reads_vision(self) -> bool:
         return self.method in VISION_READERS
 
+    @property
+    def reads_question(self) -> bool:
+        return self.method in QUESTION_READERS
+
     def method_object(self) -> PreLLMMethod:
         """The crop method these settings name, numbered consecutively (the engine numbers its prompts so)."""
+        return self._method
+
+    @functools.cached_property
+    def _method(self) -> PreLLMMethod:
         name = self.method
         if name == "full":
             raise ConfigError("method 'full' prunes nothing: leave the crop architecture out to serve vLLM's own model")
@@ -113,13 +139,9 @@ class PruningSettings:
                 )
             if name in VISION_READERS:
                 raise ConfigError(
-                    f"method {name!r} reads the vision tower's CLS attention, which this family's plugin does not "
-                    f"take from vLLM's encoder (LLaVA-1.5's does); supported here: {supported}"
-                )
-            if name in METHODS:
-                raise ConfigError(
-                    f"method {name!r} reads more than the VLM holds (CDPruner: a CLIP text tower), which vLLM's "
-                    f"engine does not load; supported: {supported}"
+                    f"method {name!r} reads a CLIP vision tower's feature layer (its CLS attention, or its states "
+                    f"matched by CLIP's text tower), which this family lacks (LLaVA-1.5 has one); supported here: "
+                    f"{supported}"
                 )
             raise ConfigError(f"unknown method {name!r}; supported in vLLM: {supported}")
         if name == "crop" and self.layer > 0:
@@ -130,7 +152,14 @@ class PruningSettings:
             )
         if name == "crop" and self.layer < 0 and not self.plc_ratio:
             raise ConfigError("crop without ILP (layer < 0) needs plc_ratio: otherwise nothing is pruned")
-        method = build_method(name, budget=self.budget, layer=self.layer, plc_ratio=self.plc_ratio, seed=self.seed)
+        if name == "cdpruner" and self.clip is None:
+            raise ConfigError(
+                "cdpruner needs CLIP's text tower: add \"clip\": the directory of the CLIP checkpoint the VLM's "
+                "vision tower came from (e.g. a local copy of openai/clip-vit-large-patch14-336)"
+            )
+        method = build_method(
+            name, budget=self.budget, layer=self.layer, plc_ratio=self.plc_ratio, seed=self.seed, clip=self.clip
+        )
         before, inside = method.parts()
         if before is None or inside is not None:
             raise ConfigError(f"{method.describe()} does not act wholly before the LLM")
@@ -196,8 +225,11 @@ class FeaturePruner:
         """The grid cell each kept token stands for (a pooled window: its first cell), in prompt order: the method
         run on stand-in features, since every supported method's count depends on the geometry and budget only
         (and, for `pool`, `random` and `crop`, its cells too: DivPrune's depend on the features). `viewport`:
-        where the image lies on the grid, for a region given on the whole image (a localizer's)."""
+        where the image lies on the grid, for a region given on the whole image (a localizer's). Methods in
+        `BUDGET_COUNTED` get `budget` placeholder cells 0, 1, ...."""
         self.check(layout, region)
+        if self.settings.method in BUDGET_COUNTED:
+            return torch.arange(self.settings.budget)
         viewport = viewport or Viewport()
         if layout.cells is not None:
             return self._stand_in_cells(layout, region, viewport)
@@ -211,40 +243,46 @@ class FeaturePruner:
     def _stand_in_cells(self, layout: VisualLayout, region: Region | None, viewport: Viewport) -> torch.Tensor:
         generator = torch.Generator().manual_seed(0)
         stand_in = torch.randn(layout.num_tokens, 4, generator=generator)
-        vision, project = None, None
+        tower = None
         if self.settings.reads_vision:
             grid = layout.num_tokens - layout.leading
             states = torch.randn(1, 1 + grid, 4, generator=generator)
             internals = VisionInternals(states, torch.rand(1, grid, generator=generator), states)
-            vision, project = VisionCrops(internals, torch.arange(grid)[None], torch.arange(grid)[None]), _identity
-        return self._compressed(stand_in, layout, region, vision, project, viewport).first_cell.cpu()
+            cells = torch.arange(grid)[None]
+            tower = TowerOutputs(VisionCrops(internals, cells, cells), _identity)
+        return self._compressed(stand_in, layout, region, viewport, tower, None).first_cell.cpu()
 
     def reduce(
         self,
         features: torch.Tensor,
         layout: VisualLayout,
         region: Region | None,
-        vision: VisionCrops | None = None,
-        project: Callable[[torch.Tensor], torch.Tensor] | None = None,
         viewport: Viewport | None = None,
+        tower: TowerOutputs | None = None,
+        question: str | None = None,
     ) -> torch.Tensor:
         """The tokens the LLM gets for one image `(kept, dim)` from its projected tokens `(tokens, dim)` (and, for
-        methods that read it, the vision tower's internals on the image with the projector)."""
-        return self.reduce_with_cells(features, layout, region, vision, project, viewport)[0]
+        methods that read them, the vision tower's outputs on the image and the request's question)."""
+        return self.reduce_with_cells(features, layout, region, viewport, tower, question)[0]
 
     def reduce_with_cells(
         self,
         features: torch.Tensor,
         layout: VisualLayout,
         region: Region | None,
-        vision: VisionCrops | None = None,
-        project: Callable[[torch.Tensor], torch.Tensor] | None = None,
         viewport: Viewport | None = None,
+        tower: TowerOutputs | None = None,
+        question: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`reduce`'s tokens and, for the grid tokens among them, the cell each stands for (a pooled window: its
         first cell), computed from these features: what an engine places after its encoder ran."""
-        compressed = self._compressed(features, layout, region, vision, project, viewport or Viewport())
+        compressed = self._compressed(features, layout, region, viewport or Viewport(), tower, question)
         kept = compressed.features.to(features.dtype)
+        if self.settings.method in BUDGET_COUNTED and kept.shape[0] != self.settings.budget:
+            raise ConfigError(
+                f"{self.method.describe()} kept {kept.shape[0]} distinct tokens, not its budget of "
+                f"{self.settings.budget} (its kernel's rank ran out), and the engine reserved {self.settings.budget}"
+            )
         tokens = torch.cat([features[: layout.leading], kept]) if layout.leading else kept
         return tokens, compressed.first_cell
 
@@ -253,19 +291,22 @@ class FeaturePruner:
         features: torch.Tensor,
         layout: VisualLayout,
         region: Region | None,
-        vision: VisionCrops | None,
-        project: Callable[[torch.Tensor], torch.Tensor] | None,
         viewport: Viewport,
+        tower: TowerOutputs | None,
+        question: str | None,
     ) -> Compressed:
         self.check(layout, region)
         if features.shape[0] != layout.num_tokens:
             raise ConfigError(f"expected {layout.num_tokens} visual tokens for this image, got {features.shape[0]}")
-        if self.settings.reads_vision and vision is None:
+        if self.settings.reads_vision and tower is None:
             raise ConfigError(f"{self.method.describe()} needs the vision tower's internals on the image")
-        visions = None if vision is None else [vision]
+        if self.settings.reads_question and question is None:
+            raise ConfigError(f"{self.method.describe()} needs the request's question")
         call = CallContext.of_features(
-            [features], [layout], [region], vision=visions, project=project, viewports=[viewport]
-        )
+            [features], [layout], [region], None if question is None else [question],
+            vision=None if tower is None else [tower.vision], project=None if tower is None else tower.project,
+            viewports=[viewport], vision_head=None if tower is None else tower.vision_head,
+        )  # fmt: skip
         compressed = self.method.reduce(call.image(0)).compressed
         assert compressed is not None, "a pre-LLM method returns the tokens that replace the grid"
         return compressed

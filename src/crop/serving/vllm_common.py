@@ -33,6 +33,10 @@ from crop.serving.pruning import (
 
 BOX_FIELD = "crop_region_box"
 """The processor output that carries each image's region to the model."""
+QUESTION_FIELD = "crop_question_utf8"
+"""The processor output that carries each image's question (UTF-8 bytes) to the model, for methods that read it."""
+DUMMY_QUESTION = "what is in the image ?"
+"""The question of vLLM's profiling inputs."""
 
 
 def pruner_for(config: Any, vision_internals: bool = False) -> FeaturePruner:
@@ -62,6 +66,16 @@ def region_of_box(box: torch.Tensor) -> tuple[Region | None, Viewport]:
     values = [float(v) for v in box.reshape(-1)]
     region = None if any(math.isnan(v) for v in values[:4]) else Region(*values[:4])
     return region, Viewport(*values[4:])
+
+
+def question_tensor(question: str, images: int) -> torch.Tensor:
+    """`(images, bytes)`: the question's UTF-8 bytes, once per image of a request."""
+    return torch.tensor([list(question.encode("utf-8"))] * images, dtype=torch.uint8)
+
+
+def question_of(row: torch.Tensor) -> str:
+    """The question a `question_tensor` row holds."""
+    return bytes(row.tolist()).decode("utf-8")
 
 
 @functools.lru_cache(maxsize=2)
@@ -108,7 +122,8 @@ class RegionProcessorMixin:
 
     def get_dummy_inputs(self, seq_len, mm_counts, mm_options):
         inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
-        return dataclasses.replace(inputs, hf_processor_mm_kwargs={BOX_KWARG: [0.0, 0.0, 1.0, 1.0]})
+        kwargs = {BOX_KWARG: [0.0, 0.0, 1.0, 1.0], QUESTION_KWARG: DUMMY_QUESTION}
+        return dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         own = {key: hf_kwargs[key] for key in (REGION_KWARG, BOX_KWARG, QUESTION_KWARG) if key in hf_kwargs}
@@ -120,6 +135,8 @@ class RegionProcessorMixin:
             for layout, (region, _) in zip(layouts, placed, strict=True):
                 self.info.pruner.check(layout, region)
             processed[BOX_FIELD] = box_tensor(placed)
+            if self.info.pruner.settings.reads_question:
+                processed[QUESTION_FIELD] = question_tensor(request_question(own, "this method"), len(layouts))
         return processed
 
     def _placed_regions(
@@ -131,17 +148,26 @@ class RegionProcessorMixin:
         settings = self.info.pruner.settings
         if region is not None or settings.localizer is None or not self.info.pruner.needs_region:
             return [(region, Viewport())] * count
-        question = own.get(QUESTION_KWARG)
-        if not isinstance(question, str) or not question.strip():
-            raise ConfigError(
-                f"this engine's localizer needs each request's question: pass mm_processor_kwargs "
-                f"{{{QUESTION_KWARG!r}: '...'}} (vLLM's processor does not see the prompt), or the region itself"
-            )
+        question = request_question(own, "this engine's localizer")
         localizer = grid_localizer(settings.localizer)
         return [(localizer.localize(image, question), self.image_viewport(image)) for image in images]
 
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
-        return {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
-                BOX_FIELD: MultiModalFieldConfig.batched("image")}  # fmt: skip
+        fields = {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
+                  BOX_FIELD: MultiModalFieldConfig.batched("image")}  # fmt: skip
+        if QUESTION_FIELD in hf_inputs:
+            fields[QUESTION_FIELD] = MultiModalFieldConfig.batched("image")
+        return fields
+
+
+def request_question(own: Mapping[str, object], who: str) -> str:
+    """The request's question (`crop_question`), which `who` reads: vLLM's processor does not see the prompt."""
+    question = own.get(QUESTION_KWARG)
+    if not isinstance(question, str) or not question.strip():
+        raise ConfigError(
+            f"{who} needs each request's question: pass mm_processor_kwargs {{{QUESTION_KWARG!r}: '...'}} (vLLM's "
+            "processor does not see the prompt)"
+        )
+    return question

@@ -4,20 +4,24 @@ budget decide, before the encoder runs), and `embed_multimodal` returns those to
 visual tokens. vLLM numbers the prompt consecutively, so the kept tokens are numbered as crop's `compact`
 positions. Everything else (tower, projector, LLM, cache) is vLLM's, unchanged.
 
-VisionZip and HoloV read the tower's feature layer: its output states (CLS first), the CLS query's attention to
-the patches and the keys. vLLM builds the tower up to that layer and returns its output; the plugin takes the
-layer's input with a forward pre-hook held for that call, and computes the attention from the layer's own `qkv_proj`
-(vLLM's attention kernel returns no probabilities), as crop does on the Hugging Face tower.
+VisionZip, HoloV and CDPruner read the tower's feature layer: its output states (CLS first), the CLS query's
+attention to the patches and the keys. vLLM builds the tower up to that layer and returns its output; the plugin
+takes the layer's input with a forward pre-hook held for that call, and computes the attention from the layer's own
+`qkv_proj` (vLLM's attention kernel returns no probabilities), as crop does on the Hugging Face tower. CDPruner
+also reads the tower's `post_layernorm` (vLLM does not load it; the plugin keeps it aside while loading), CLIP's
+text tower (the `clip` setting, loaded in the engine on first use) and each request's question (`crop_question`).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import BatchFeature
@@ -35,10 +39,18 @@ from crop.adapter import VisionCrops, VisionInternals, VisualLayout
 from crop.errors import ConfigError, UnsupportedModelError
 from crop.models.llava import llava_viewport
 from crop.region import Viewport
-from crop.serving.pruning import FeaturePruner
-from crop.serving.vllm_common import BOX_FIELD, RegionProcessorMixin, pruner_for, region_of_box
+from crop.serving.pruning import FeaturePruner, TowerOutputs
+from crop.serving.vllm_common import (
+    BOX_FIELD,
+    QUESTION_FIELD,
+    RegionProcessorMixin,
+    pruner_for,
+    question_of,
+    region_of_box,
+)
 
 ARCHITECTURE = "CropLlavaForConditionalGeneration"
+POST_LAYERNORM = "vision_tower.vision_model.post_layernorm."
 
 
 def llava_layout(config) -> VisualLayout:
@@ -48,16 +60,23 @@ def llava_layout(config) -> VisualLayout:
 
 
 def llava_pruner(config) -> FeaturePruner:
-    """The config's pruner; VisionZip and HoloV run too (the plugin reads the tower's feature layer), given one
-    feature layer and the 'default' strategy (CLS not in the grid), as their authors' LLaVA has."""
+    """The config's pruner; VisionZip, HoloV and CDPruner run too (the plugin reads the tower's feature layer),
+    given one feature layer and the 'default' strategy (CLS not in the grid), as their authors' LLaVA has."""
     pruner = pruner_for(config, vision_internals=True)
-    if pruner.settings.reads_vision and (
+    settings = pruner.settings
+    if settings.reads_vision and (
         not isinstance(config.vision_feature_layer, int) or config.vision_feature_select_strategy != "default"
     ):
         raise UnsupportedModelError(
-            f"{pruner.settings.method} reads one vision feature layer with the 'default' strategy (CLS not in the "
+            f"{settings.method} reads one vision feature layer with the 'default' strategy (CLS not in the "
             f"grid); this model has layer {config.vision_feature_layer!r}, strategy "
             f"{config.vision_feature_select_strategy!r}"
+        )
+    width = config.text_config.hidden_size
+    if settings.method == "cdpruner" and settings.budget > width:
+        raise ConfigError(
+            f"cdpruner keeps at most as many tokens as its kernel's rank, the projected features' width {width}: "
+            f"budget {settings.budget} could leave fewer than the placeholders vLLM reserves"
         )
     return pruner
 
@@ -105,11 +124,32 @@ class CropLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         config = vllm_config.model_config.hf_config
         self.pruner = llava_pruner(config)
         self.layout = llava_layout(config)
+        self.post_layernorm: dict[str, torch.Tensor] = {}
+        """The tower's final norm, which vLLM does not load when the feature layer is not the last (CDPruner)."""
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """vLLM's loading, with the tower's `post_layernorm` kept aside (vLLM drops it)."""
+
+        def keep_head(items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in items:
+                if name.removeprefix("model.").startswith(POST_LAYERNORM):
+                    self.post_layernorm[name.rsplit(".", 1)[1]] = tensor.clone()
+                yield name, tensor
+
+        return super().load_weights(keep_head(weights))
+
+    def vision_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Feature-layer states through the tower's `post_layernorm` (CLIP's image-text projection expects them)."""
+        if set(self.post_layernorm) != {"weight", "bias"}:
+            raise ConfigError(f"this checkpoint has no {POST_LAYERNORM}weight and bias, which cdpruner reads")
+        weight, bias = (self.post_layernorm[key].to(hidden.device, hidden.dtype) for key in ("weight", "bias"))
+        return F.layer_norm(hidden, weight.shape, weight, bias, self.config.vision_config.layer_norm_eps)
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         boxes = kwargs.pop(BOX_FIELD, None)
+        questions = kwargs.pop(QUESTION_FIELD, None)
         if self.pruner.settings.reads_vision:
-            return self._embed_with_internals(boxes, **kwargs)
+            return self._embed_with_internals(boxes, questions, **kwargs)
         embeddings = super().embed_multimodal(**kwargs)
         if len(embeddings) == 0:
             return embeddings
@@ -119,8 +159,9 @@ class CropLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             kept.append(self.pruner.reduce(image, self.layout, region, viewport=viewport))
         return kept
 
-    def _embed_with_internals(self, boxes, **kwargs: object) -> MultiModalEmbeddings:
-        """The tower run once with its feature layer's internals taken, then the method on each image."""
+    def _embed_with_internals(self, boxes, questions, **kwargs: object) -> MultiModalEmbeddings:
+        """The tower run once with its feature layer's internals taken, then the method on each image (with its
+        request's question, for a method that reads it)."""
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None:
             return []
@@ -128,15 +169,23 @@ class CropLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             raise ConfigError(f"{self.pruner.method.describe()} reads the vision tower: send images, not embeddings")
         internals = tower_internals(self.vision_tower, image_input["pixel_values"])
         features = self.multi_modal_projector(internals.hidden[:, 1:])
+        self._clip_on(features.device)
         cells = torch.arange(features.shape[1])[None]
         kept = []
         for b, box in enumerate(boxes):
             region, viewport = region_of_box(box)
-            vision = VisionCrops(internals.crops(b, b + 1), cells, cells)
-            kept.append(
-                self.pruner.reduce(features[b], self.layout, region, vision, self.multi_modal_projector, viewport)
-            )
+            tower = TowerOutputs(VisionCrops(internals.crops(b, b + 1), cells, cells), self.multi_modal_projector,
+                                 self.vision_head)  # fmt: skip
+            question = None if questions is None else question_of(questions[b])
+            kept.append(self.pruner.reduce(features[b], self.layout, region, viewport, tower, question))
         return kept
+
+    def _clip_on(self, device: torch.device) -> None:
+        """CDPruner's CLIP towers (loaded on first use) on the engine's device."""
+        if self.pruner.settings.method == "cdpruner":
+            clip = self.pruner.method.clip
+            clip.text_model.to(device)
+            clip.visual_projection.to(device)
 
 
 def tower_internals(tower: nn.Module, pixel_values: torch.Tensor) -> VisionInternals:

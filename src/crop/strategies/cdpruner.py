@@ -115,7 +115,15 @@ class CDPruner(PreLLMMethod):
             raise ConfigError(f"CDPruner sign must be -1 (the authors' released code) or +1, got {sign!r}")
         self.budget = budget
         self.sign = sign
-        self.clip = clip if isinstance(clip, ClipText) else ClipText.from_pretrained(clip)
+        self._clip = clip
+
+    @property
+    def clip(self) -> ClipText:
+        """CLIP's towers, loaded from the checkpoint on first use (a process that only counts tokens, such as a
+        serving engine's front end, never loads them)."""
+        if not isinstance(self._clip, ClipText):
+            self._clip = ClipText.from_pretrained(self._clip)
+        return self._clip
 
     def validate(self, num_layers: int, grid_tokens: int | None) -> None:
         check_budget(self.name, self.budget, grid_tokens)

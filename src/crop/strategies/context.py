@@ -47,6 +47,7 @@ class CallContext:
         self._vision: list[VisionCrops] | None = None
         self._masks: dict[int, torch.Tensor] = {}
         self._project: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._vision_head: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
     def of_features(
@@ -58,17 +59,20 @@ class CallContext:
         vision: list[VisionCrops] | None = None,
         project: Callable[[torch.Tensor], torch.Tensor] | None = None,
         viewports: list[Viewport] | None = None,
+        vision_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> CallContext:
         """A call whose images' projected tokens were computed elsewhere (a serving engine's encoder): methods that
         read the features, the region and the question run on it; those that read the vision tower's internals
-        run when the engine gives them too (`vision`, with the `project`or that maps vision states to the LLM).
-        `viewports`: where each image lies on its grid (for regions given on the whole image)."""
+        run when the engine gives them too (`vision`, with the `project`or that maps vision states to the LLM, and
+        the tower's `vision_head` where a method reads it). `viewports`: where each image lies on its grid (for
+        regions given on the whole image)."""
         if (vision is None) != (project is None):
             raise ValueError("give the vision tower's internals together with the projector that maps them")
         call = cls(None, {}, layouts, viewports or [Viewport()] * len(layouts), regions, questions)
         call._features = list(features)
         call._vision = None if vision is None else list(vision)
         call._project = project
+        call._vision_head = vision_head
         return call
 
     @property
@@ -106,6 +110,14 @@ class CallContext:
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vision states through the model's projector into the LLM's embedding space."""
         return self._project(hidden) if self._project is not None else self.adapter.project(hidden)
+
+    def vision_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Feature-layer vision states through the tower's final layer norm (see `ImageContext.vision_head`)."""
+        if self._vision_head is not None:
+            return self._vision_head(hidden)
+        if self.adapter is None:
+            raise UnsupportedModelError("this call on precomputed features has no vision tower head")
+        return self.adapter.vision_head(hidden)
 
     def region_mask(self, row: int) -> torch.Tensor:
         """`(rows, cols)` mask of row `row`'s grid tokens inside its region."""
@@ -155,7 +167,7 @@ class ImageContext:
     def vision_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Feature-layer vision states through the tower's final layer norm (CLIP's `post_layernorm`): the space
         CLIP's image-text projection expects."""
-        return self.call.adapter.vision_head(hidden)
+        return self.call.vision_head(hidden)
 
     def question(self, method: str) -> str:
         """This row's question text, which `method` reads with its own text encoder (ConfigError if not given)."""
