@@ -33,6 +33,7 @@ CONFIGS = {
     "crop-64": {"method": "crop", "budget": 64},
     "divprune-64": {"method": "divprune", "budget": 64},
     "pool-64": {"method": "pool", "budget": 64},
+    "visionzip-64": {"method": "visionzip", "budget": 64},
 }
 REGION = [2, 2, 5, 5]
 
