@@ -59,13 +59,9 @@ def test_vllm_answers_as_crop_does(checkpoint, hf_model, samples, settings):
     assert all(pruned) if settings is not None else not any(pruned), "pruned: fewer than the image's 256 tokens"
 
 
-@pytest.mark.parametrize("settings", [{"method": "crop", "budget": 30}, {"method": "crop"}], ids=setting_id)
-def test_the_plugins_localizer_answers_as_crops(checkpoint, hf_model, samples, settings):
-    """Settings that name a localizer run it in vLLM's processor on each request's image and question
-    (`crop_question`): vLLM's answers and prompt tokens equal crop's with the same localizer (`prepare` runs it);
-    a request without its question is refused, naming the kwarg."""
-    model, processor = hf_model
-    llm = engine(checkpoint, {**settings, "localizer": str(SHIPPED_MODEL)})
+def answers_to_questions(llm: LLM, processor, samples) -> list[tuple[list[int], int]]:
+    """vLLM's answers to requests that send their question (`crop_question`); a request without it is refused,
+    naming the kwarg."""
     requests = [
         {"prompt": build_prompt(processor, sample.question), "multi_modal_data": {"image": sample.image},
          "mm_processor_kwargs": {"crop_question": sample.question}}
@@ -77,21 +73,36 @@ def test_the_plugins_localizer_answers_as_crops(checkpoint, hf_model, samples, s
             llm.generate({**requests[0], "mm_processor_kwargs": {}}, SamplingParams(max_tokens=1))
     finally:
         del llm
-    got = [(list(output.outputs[0].token_ids), len(output.prompt_token_ids)) for output in outputs]
-    method = PruningSettings.from_config(settings).method_object()
-    localizer = GridVLMLocalizer.from_model(model, processor, SHIPPED_MODEL)
-    pruned = crop.apply(model, processor, method=method, localizer=localizer)
-    expected = []
+    return [(list(output.outputs[0].token_ids), len(output.prompt_token_ids)) for output in outputs]
+
+
+def prepared_answers(pruned, samples) -> list[tuple[list[int], int, int]]:
+    """crop's answers through `prepare` (which runs the localizer and records the question): (greedy new tokens,
+    prompt tokens the LLM got, visual tokens it got) per sample."""
+    answers = []
     try:
         for sample in samples:
             request = pruned.prepare(sample.image, sample.question)
             sequences, stats = pruned.generate(request, max_new_tokens=NEW_TOKENS, do_sample=False)
-            prompt = request["input_ids"].shape[1]
-            text = prompt - stats.rows[0].image_tokens
-            expected.append((sequences[0, prompt:].tolist(), text + stats.rows[0].llm_input_tokens))
+            prompt, row = request["input_ids"].shape[1], stats.rows[0]
+            answers.append((sequences[0, prompt:].tolist(), prompt - row.image_tokens + row.llm_input_tokens,
+                            row.llm_input_tokens))  # fmt: skip
     finally:
         pruned.remove()
-    assert got == expected
+    return answers
+
+
+@pytest.mark.parametrize("settings", [{"method": "crop", "budget": 30}, {"method": "crop"}], ids=setting_id)
+def test_the_plugins_localizer_answers_as_crops(checkpoint, hf_model, samples, settings):
+    """Settings that name a localizer run it in vLLM's processor on each request's image and question
+    (`crop_question`): vLLM's answers and prompt tokens equal crop's with the same localizer (`prepare` runs it);
+    a request without its question is refused, naming the kwarg."""
+    model, processor = hf_model
+    got = answers_to_questions(engine(checkpoint, {**settings, "localizer": str(SHIPPED_MODEL)}), processor, samples)
+    method = PruningSettings.from_config(settings).method_object()
+    localizer = GridVLMLocalizer.from_model(model, processor, SHIPPED_MODEL)
+    expected = prepared_answers(crop.apply(model, processor, method=method, localizer=localizer), samples)
+    assert got == [(tokens, prompt) for tokens, prompt, _ in expected]
     assert all(tokens < 256 for _, tokens in got), "the localizer's regions leave out part of every image"
 
 
@@ -100,28 +111,8 @@ def test_cdpruner_answers_as_crops(checkpoint, hf_model, samples, clip_checkpoin
     answers and prompt tokens equal crop's on the same questions; a request without its question is refused."""
     model, processor = hf_model
     settings = {"method": "cdpruner", "budget": 24, "clip": clip_checkpoint}
-    llm = engine(checkpoint, settings)
-    requests = [
-        {"prompt": build_prompt(processor, sample.question), "multi_modal_data": {"image": sample.image},
-         "mm_processor_kwargs": {"crop_question": sample.question}}
-        for sample in samples
-    ]  # fmt: skip
-    try:
-        outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS))
-        with pytest.raises(Exception, match="crop_question"):
-            llm.generate({**requests[0], "mm_processor_kwargs": {}}, SamplingParams(max_tokens=1))
-    finally:
-        del llm
-    got = [(list(output.outputs[0].token_ids), len(output.prompt_token_ids)) for output in outputs]
-    pruned = crop.apply(model, processor, method=PruningSettings.from_config(settings, True).method_object())
-    expected = []
-    try:
-        for sample in samples:
-            request = pruned.prepare(sample.image, sample.question)
-            sequences, stats = pruned.generate(request, max_new_tokens=NEW_TOKENS, do_sample=False)
-            prompt = request["input_ids"].shape[1]
-            expected.append((sequences[0, prompt:].tolist(), prompt - stats.rows[0].image_tokens + 24))
-            assert stats.rows[0].llm_input_tokens == 24
-    finally:
-        pruned.remove()
-    assert got == expected
+    got = answers_to_questions(engine(checkpoint, settings), processor, samples)
+    method = PruningSettings.from_config(settings, vision_internals=True).method_object()
+    expected = prepared_answers(crop.apply(model, processor, method=method), samples)
+    assert got == [(tokens, prompt) for tokens, prompt, _ in expected]
+    assert all(visual == 24 for _, _, visual in expected)
