@@ -41,7 +41,7 @@ DUMMY_QUESTION = "what is in the image ?"
 
 def pruner_for(config: Any, vision_internals: bool = False) -> FeaturePruner:
     """The pruner the model config's `crop` entry describes (set with vLLM's `hf_overrides`); `vision_internals`:
-    the family's plugin gives the vision tower's internals (VisionZip, HoloV)."""
+    the family's plugin gives the vision tower's internals (VisionZip, HoloV, CDPruner)."""
     entry = getattr(config, SETTINGS_KEY, None)
     if entry is None:
         raise ConfigError(
