@@ -8,14 +8,18 @@ vLLM's answers equal the unpruned model's.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 from conftest import NEW_TOKENS, REGIONS, crop_answers, engine
 from vllm import LLM, SamplingParams
 
 import crop
+from crop.errors import ConfigError
 from crop.localize.grid_vlm import GridVLMLocalizer
 from crop.prompting import build_prompt
 from crop.serving.pruning import PruningSettings
+from crop.serving.vllm_llava import llava_pruner
 from crop.synth.assets import SHIPPED_MODEL
 
 SETTINGS = [
@@ -116,3 +120,14 @@ def test_cdpruner_answers_as_crops(checkpoint, hf_model, samples, clip_checkpoin
     expected = prepared_answers(crop.apply(model, processor, method=method), samples)
     assert got == [(tokens, prompt) for tokens, prompt, _ in expected]
     assert all(visual == 24 for _, _, visual in expected)
+
+
+def test_a_cdpruner_budget_above_the_feature_width_is_refused(hf_model, clip_checkpoint):
+    """The DPP keeps at most its kernel's rank (the projected width, 192 here) distinct tokens: a budget above it
+    could leave fewer tokens than vLLM's placeholders, so it is refused when the engine starts."""
+    config = copy.deepcopy(hf_model[0].config)
+    config.crop = {"method": "cdpruner", "budget": 200, "clip": clip_checkpoint}
+    with pytest.raises(ConfigError, match="the projected features' width 192"):
+        llava_pruner(config)
+    config.crop = {**config.crop, "budget": 192}
+    assert llava_pruner(config).settings.budget == 192
